@@ -1,0 +1,118 @@
+"""KV policies: where the KV cache lives and how attention over it is computed.
+
+A model knows nothing about caching. Each attention layer hands (layer, q, k, v) to the policy
+object that the engine passes into `model.forward`; the policy stores the new K/V and returns the
+attention output. Policies differ only in placement and selection (dense on the GPU here; the
+offloaded and sparse ones build on the same interface).
+
+Token layout is packed ("ragged"): a forward over B sequences carries N tokens in one (N, ...)
+tensor. Prefill: N = sum of new tokens, sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1].
+Decode: N = B, one token per sequence.
+
+Cache layout per layer: (S, Hkv, T, D), S sequence slots, T the slot capacity. A head's keys are
+contiguous rows of D elements, which is what decode attention streams and what the sparse
+policies gather.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import Ops
+
+
+class ContextOverflowError(ValueError):
+    """A sequence would not fit into the model's context or the allocated cache."""
+
+
+@dataclass(slots=True)
+class StepMeta:
+    """What one forward pass needs to know about its batch. All tensors live on the model device
+    and are built by the engine from host-side lengths it already knows (no device reads)."""
+    is_prefill: bool
+    positions: torch.Tensor        # (N,) int64   absolute position of every token
+    token_slot: torch.Tensor       # (N,) int64   cache slot of every token
+    slot_idx: torch.Tensor         # (B,) int32   cache slot of every sequence
+    seq_lens: torch.Tensor         # (B,) int32   tokens in cache after this step (incl. new ones)
+    cu_seqlens_q: torch.Tensor | None = None   # (B+1,) int32, prefill only
+    start_pos: torch.Tensor | None = None      # (B,) int32 cached tokens before this step, prefill
+    max_seqlen_q: int = 1                      # host int: longest new-token run (grid size)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.slot_idx.shape[0]
+
+
+class KVPolicy:
+    """Base class. Subclasses implement `allocate`, `attend`; the rest are optional hooks."""
+
+    name = "base"
+
+    def allocate(self, num_slots: int, max_seq_len: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def capacity(self) -> int:
+        """Tokens one slot can hold."""
+        raise NotImplementedError
+
+    def begin(self, meta: StepMeta) -> None:
+        """Called by the engine before each forward pass."""
+        self.meta = meta
+
+    def pre_attention(self, layer: int, h: torch.Tensor) -> None:
+        """Called with each layer's attention input h (N, C) before its q/k/v projections:
+        the hook speculative policies use to prefetch the next layer's KV."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (N, H, D), k/v (N, Hkv, D) after RoPE -> attention output (N, H, D)."""
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        """Release the cache memory."""
+
+
+class DenseKV(KVPolicy):
+    """Whole KV cache on the model's device; exact attention."""
+
+    name = "dense"
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device | str, ops: Ops, sm_scale: float):
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device, self.ops, self.sm_scale = dtype, torch.device(device), ops, sm_scale
+        self.k_cache = self.v_cache = None
+
+    def allocate(self, num_slots: int, max_seq_len: int) -> None:
+        shape = (self.num_layers, num_slots, self.num_kv_heads, max_seq_len, self.head_dim)
+        nbytes = 2 * torch.Size(shape).numel() * torch.finfo(self.dtype).bits // 8
+        try:
+            self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)  # (L, S, Hkv, T, D)
+            self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        except torch.OutOfMemoryError:
+            self.k_cache = self.v_cache = None
+            raise torch.OutOfMemoryError(
+                f"KV cache of {nbytes / 2**30:.2f} GiB ({num_slots} sequences x {max_seq_len} tokens) "
+                f"does not fit on {self.device}; lower the batch size or the context (--max-seq-len)") from None
+
+    @property
+    def capacity(self) -> int:
+        return self.k_cache.shape[3]
+
+    def attend(self, layer, q, k, v):
+        meta, kc, vc = self.meta, self.k_cache[layer], self.v_cache[layer]   # (S, Hkv, T, D)
+        # store the new tokens' K/V at (slot, :, position, :)
+        kc[meta.token_slot, :, meta.positions] = k
+        vc[meta.token_slot, :, meta.positions] = v
+        if meta.is_prefill:
+            return self.ops.prefill_attention(
+                q, kc, vc, meta.cu_seqlens_q, meta.start_pos, meta.slot_idx, self.sm_scale,
+                meta.max_seqlen_q)
+        return self.ops.decode_attention(q, kc, vc, meta.seq_lens, meta.slot_idx, self.sm_scale)
+
+    def close(self):
+        self.k_cache = self.v_cache = None
