@@ -33,3 +33,105 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
 def poison(shape, dtype, device="cpu") -> torch.Tensor:
     """An output buffer filled with NaN so unwritten elements fail the comparison."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny random Hugging Face models, for exactness tests against transformers
+# ---------------------------------------------------------------------------------------------
+def tiny_llama_config(**over):
+    from transformers import LlamaConfig
+    kw = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+              bos_token_id=1, eos_token_id=2)
+    kw.update(over)
+    return LlamaConfig(**kw)
+
+
+def tiny_opt_config(**over):
+    from transformers import OPTConfig
+    kw = dict(vocab_size=320, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256, word_embed_proj_dim=64, do_layer_norm_before=True,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0, dropout=0.0, attention_dropout=0.0)
+    kw.update(over)
+    return OPTConfig(**kw)
+
+
+def tiny_hf_model(hf_config, seed: int = 0):
+    """A transformers model with random weights (biases and norms randomized too)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m.eval()
+
+
+def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """Greedy tokens by re-running the whole sequence each step (no KV cache): independent of
+    any caching logic."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+class IdTokenizer:
+    """Stand-in tokenizer for model tests that work on token ids only."""
+    eos_ids: list[int] = []
+    bos_id = None
+
+    def stream_decoder(self):
+        class _D:
+            def push(self, t):
+                return ""
+
+            def flush(self):
+                return ""
+        return _D()
+
+
+def minigen_from_hf(hf_model, use_triton: bool = False, dtype=torch.float32):
+    """minigen's model built from a transformers model's state dict (same names)."""
+    from kernels import Ops
+    from minigen.config import ModelConfig
+    from models import build_model
+    cfg = ModelConfig.from_hf(hf_model.config.to_dict())
+    return build_model(cfg, hf_model.state_dict().items(), device="cpu", dtype=dtype,
+                       ops=Ops(use_triton=use_triton))
+
+
+def random_prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def check_against_hf(hf_model, lengths=(7, 19), steps: int = 32, use_triton: bool = False,
+                     atol: float = 1e-4, max_prefill_tokens: int = 4096):
+    """Prefill logits of a ragged batch within atol of transformers, then `steps` greedy tokens
+    identical to a cache-free transformers loop."""
+    from minigen.engine import Engine
+    from minigen.sampler import SamplingParams
+    model = minigen_from_hf(hf_model, use_triton=use_triton)
+    prompts = random_prompts(hf_model.config.vocab_size, lengths)
+    eng = Engine(model, IdTokenizer(), max_batch=len(prompts), max_seq_len=128,
+                 max_prefill_tokens=max_prefill_tokens)
+    seqs = [eng.new_sequence(p) for p in prompts]
+    logits = eng.prefill(seqs, all_logits=True)
+    for p, lg in zip(prompts, logits):
+        with torch.no_grad():
+            want = hf_model(torch.tensor([p])).logits[0]
+        assert_close(lg, want, atol=atol, rtol=0, what="prefill logits")
+    if steps:
+        for s, p in zip(seqs, prompts):   # start over: same slots, cache overwritten
+            s.cached_ids, s.pending = [], list(p)
+        sp = SamplingParams(max_new_tokens=steps, temperature=0, ignore_eos=True)
+        for _ in eng.generate(seqs, sp):
+            pass
+        for s, p in zip(seqs, prompts):
+            assert s.output_ids == hf_greedy(hf_model, p, steps), "greedy tokens differ from transformers"
+    return eng

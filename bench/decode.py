@@ -1,0 +1,277 @@
+"""End-to-end decode benchmark: ms per decode step, tokens/s and achieved GB/s against the HBM
+copy ceiling measured in the same run, with transformers' decode of the same shape side by side.
+
+    python bench/decode.py --shape llama2-7b --batch 1 --context 8192 --steps 64 --json
+    python bench/decode.py --model path/to/model.gguf --batch 8 --context 8192 --transformers none
+
+The KV cache is filled with random values up to `--context` tokens (decode cost does not depend
+on the values), then `--steps` decode steps are timed with CUDA events:
+  step_ms   replay of the captured decode step (model + KV policy) alone
+  loop_ms   the engine's full loop per step: step + sampling + the host sync for streaming
+Bytes per step = weights read (embedding table excluded: only B rows are read) + K/V read for
+every sequence; the floor is bytes / measured HBM copy bandwidth (read + write counted).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from minigen.config import ModelConfig  # noqa: E402
+
+SHAPES = {   # Hugging Face config fields of real models, weights random
+    "llama2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                      max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0),
+    "llama2-13b": dict(model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                       num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                       max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0),
+    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True),
+    "opt-13b": dict(model_type="opt", vocab_size=50272, hidden_size=5120, ffn_dim=20480,
+                    num_hidden_layers=40, num_attention_heads=40, max_position_embeddings=32768,
+                    word_embed_proj_dim=5120, do_layer_norm_before=True, activation_function="relu"),
+}
+
+
+class _NoTokenizer:
+    eos_ids: list[int] = []
+
+
+# ---------------------------------------------------------------------------------------------
+# ceilings
+# ---------------------------------------------------------------------------------------------
+def hbm_copy_gbps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (GB/s)."""
+    from triton.testing import do_bench
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
+    del src, dst
+    return 2 * nbytes / ms / 1e6
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def random_model(shape: str, dtype: torch.dtype, max_seq_len: int):
+    """minigen model of a named shape with random weights, built on the GPU."""
+    from models import build_model
+    hf = dict(SHAPES[shape])
+    hf["max_position_embeddings"] = max(hf["max_position_embeddings"], max_seq_len)
+    cfg = ModelConfig.from_hf(hf)
+    with torch.device("meta"):
+        from models import model_class
+        names = [(n, p.shape) for n, p in model_class(cfg)(cfg).named_parameters()]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def tensors():
+        for n, shp in names:
+            if n == "lm_head.weight" and cfg.tie_embeddings:
+                continue
+            t = torch.empty(shp, dtype=dtype, device="cuda")
+            if n.endswith("norm.weight") or "layer_norm.weight" in n:
+                t.fill_(1.0)
+            else:
+                t.normal_(0, 0.02, generator=gen)
+            yield n, t
+    return build_model(cfg, tensors(), device="cuda", dtype=dtype), hf
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights a decode step reads (the input embedding table is gathered, not read)."""
+    seen, total = set(), 0
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in emb and p is not getattr(model.lm_head, "weight", None):
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# minigen
+# ---------------------------------------------------------------------------------------------
+def time_minigen(model, *, policy: str, batch: int, context: int, steps: int) -> dict:
+    from minigen.engine import Engine
+    from minigen.sampler import SamplingParams, sample_no_sync
+    cfg = model.config
+    eng = Engine(model, _NoTokenizer(), policy=policy, max_batch=batch, max_seq_len=context + steps + 8)
+    seqs = [eng.new_sequence([]) for _ in range(batch)]
+    # a full context of random K/V, as if `context` tokens had been prefilled
+    eng.kv.k_cache.normal_()
+    eng.kv.v_cache.normal_()
+    for s in seqs:
+        s.cached_ids = [0] * context
+    g = eng._decode_graph(seqs)
+    g.tokens.random_(0, cfg.vocab_size)
+    torch.cuda.synchronize()
+    for _ in range(3):          # warm-up replays
+        eng.decode_step(g)
+    g.positions.fill_(context)
+    g.seq_lens.fill_(context + 1)
+    # (a) the captured step alone
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        eng.decode_step(g)
+    end.record()
+    torch.cuda.synchronize()
+    step_ms = start.elapsed_time(end) / steps
+    # (b) the engine loop: step + sampling + one host sync per token
+    g.positions.fill_(context)
+    g.seq_lens.fill_(context + 1)
+    sp = SamplingParams(temperature=0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tok = g.tokens.clone()
+    for _ in range(steps):
+        g.tokens.copy_(tok)
+        tok = sample_no_sync(eng.decode_step(g), sp, None)
+        tok.tolist()            # sync: the streaming loop's per-token host read
+    loop_ms = (time.perf_counter() - t0) * 1000 / steps
+    kv_bytes = batch * (context + 1) * cfg.kv_bytes_per_token(model.lm_head.weight.element_size())
+    res = dict(step_ms=step_ms, loop_ms=loop_ms, weight_bytes=weight_bytes(model), kv_bytes=kv_bytes,
+               peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, graph=g.graph is not None)
+    eng.close()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers baselines: the same shape through its own generate()
+# ---------------------------------------------------------------------------------------------
+def time_transformers(hf_cfg: dict, *, batch: int, context: int, steps: int, mode: str, dtype) -> dict:
+    """Per-step decode time of transformers' generate: (t(1 + steps) - t(1)) / steps, where t(n)
+    generates n tokens after a `context`-token prompt (the difference removes the prefill)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model(hf_cfg["model_type"], **{k: v for k, v in hf_cfg.items() if k != "model_type"})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, cfg.vocab_size, (batch, context), device="cuda")
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if mode == "static":
+        kw["cache_implementation"] = "static"
+    elif mode == "offloaded":
+        kw["cache_implementation"] = "offloaded"
+
+    def run(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = m.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        torch.cuda.synchronize()
+        assert out.shape[1] == context + n
+        return time.perf_counter() - t0
+    run(2)                      # warm-up (and compilation, for the static cache)
+    if mode == "static":
+        run(steps + 1)
+    t1 = min(run(1) for _ in range(2))
+    tn = run(steps + 1)
+    res = dict(step_ms=(tn - t1) * 1000 / steps, transformers=transformers.__version__,
+               peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30)
+    del m
+    return res
+
+
+def free_gpu():
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model path (HF directory or .gguf); 'default' = SmolLM2 GGUF")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="named shape with random weights")
+    p.add_argument("--policy", default="dense")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--transformers", default="auto",
+                   help="comma list of transformers baselines: dynamic,static,offloaded; 'none'; "
+                        "'auto' = all three when transformers is importable")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: bench/decode.py times CUDA decode; no GPU is visible", file=sys.stderr)
+        return 2
+    from minigen.llm import resolve_dtype
+    dtype = resolve_dtype(args.dtype, torch.device("cuda"))
+    ceiling = hbm_copy_gbps()
+    if args.shape:
+        model, hf_cfg = random_model(args.shape, dtype, args.context + args.steps + 8)
+        name = args.shape
+    else:
+        from minigen.llm import load_model
+        model, _ = load_model(None if args.model == "default" else args.model, device="cuda", dtype=dtype)
+        hf_cfg, name = None, args.model
+    r = time_minigen(model, policy=args.policy, batch=args.batch, context=args.context, steps=args.steps)
+    nbytes = r["weight_bytes"] + r["kv_bytes"]
+    floor_ms = nbytes / (ceiling * 1e9) * 1e3
+    out = dict(bench="decode", model=name, policy=args.policy, batch=args.batch, context=args.context,
+               steps=args.steps, dtype=args.dtype, gpu=torch.cuda.get_device_name(),
+               torch=torch.__version__, hbm_copy_gbps=round(ceiling, 1),
+               bytes_per_step=nbytes, floor_ms=round(floor_ms, 3),
+               minigen=dict(step_ms=round(r["step_ms"], 3), loop_ms=round(r["loop_ms"], 3),
+                            tok_s=round(args.batch * 1000 / r["loop_ms"], 1),
+                            achieved_gbps=round(nbytes / r["step_ms"] / 1e6, 1),
+                            x_floor=round(r["step_ms"] / floor_ms, 3), cuda_graph=r["graph"],
+                            peak_gpu_gib=round(r["peak_gpu_gib"], 2)))
+    del model
+    free_gpu()
+    modes = []
+    if args.transformers == "auto":
+        try:
+            import transformers  # noqa: F401
+            modes = ["dynamic", "static", "offloaded"] if hf_cfg else []
+        except ImportError:
+            modes = []
+    elif args.transformers != "none":
+        modes = args.transformers.split(",")
+    for mode in modes:
+        try:
+            t = time_transformers(hf_cfg, batch=args.batch, context=args.context,
+                                  steps=min(args.steps, 16 if mode == "offloaded" else args.steps),
+                                  mode=mode, dtype=dtype)
+            t["step_ms"] = round(t["step_ms"], 3)
+            t["tok_s"] = round(args.batch * 1000 / t["step_ms"], 1)
+            t["minigen_speedup"] = round(t["step_ms"] / r["step_ms"], 2)
+        except Exception as e:  # a baseline that cannot run here is reported, not hidden
+            t = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+        out[f"transformers_{mode}"] = t
+        free_gpu()
+    if not args.json:
+        m = out["minigen"]
+        print(f"{name} {args.policy} B={args.batch} T={args.context}: step {m['step_ms']:.2f} ms "
+              f"(floor {floor_ms:.2f} ms at {ceiling:.0f} GB/s, x{m['x_floor']:.2f}), loop {m['loop_ms']:.2f} ms, "
+              f"{m['tok_s']:.0f} tok/s, {m['achieved_gbps']:.0f} GB/s")
+        for mode in modes:
+            t = out[f"transformers_{mode}"]
+            print(f"  transformers {mode}: " + (f"{t['step_ms']:.2f} ms/step" if "step_ms" in t else t["error"]))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The engine: prefill, then a decode loop, over a batch of sequences that share one KV policy.
+
+    prefill   pending prompt tokens of every sequence, packed, in chunks of max_prefill_tokens
+              (a chunk continues where the cache ends, so a chat turn prefills only its new text)
+    decode    one token per sequence per step; on CUDA the step (model + policy) is captured once
+              per batch size in a CUDA graph and replayed; static buffers hold tokens/positions
+    sample    on the device; the sampled ids cross to the host once per step for streaming and
+              stop checks (the one allowed sync)
+
+Host-side lengths drive everything: the engine always knows how many tokens each slot holds, so
+metadata is built without reading the GPU.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from minigen.kv import ContextOverflowError, DenseKV, KVPolicy, StepMeta
+from minigen.sampler import SamplingParams, make_generator, sample_no_sync
+
+POLICIES = ("dense", "offload", "infinigen", "h2o", "window")
+IMPLEMENTED_POLICIES = ("dense",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sequence state
+# ---------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Sequence:
+    slot: int
+    pending: list[int]                     # tokens to prefill next
+    cached_ids: list[int] = field(default_factory=list)   # tokens whose K/V are in the cache
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""                         # text emitted so far (stop strings removed)
+    held: str = ""                         # decoded text held back: may be a stop string's start
+    finished: bool = False
+    finish_reason: str | None = None       # "eos" | "stop" | "length" | "context"
+    decoder: object = None
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.cached_ids)
+
+
+@dataclass(slots=True)
+class GenStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0     # time to first token
+    decode_s: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def make_policy(name: str, model, *, device, dtype) -> KVPolicy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy '{name}'; choose one of {', '.join(POLICIES)}")
+    if name not in IMPLEMENTED_POLICIES:
+        raise NotImplementedError(f"policy '{name}' is not implemented in this version of minigen; "
+                                  f"available: {', '.join(IMPLEMENTED_POLICIES)}")
+    cfg = model.config
+    return DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device,
+                   ops=model.ops, sm_scale=model.sm_scale)
+
+
+class _DecodeGraph:
+    """Static input buffers for a decode step of B sequences, and its CUDA graph when captured."""
+
+    def __init__(self, B: int, device):
+        self.tokens = torch.zeros(B, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(B, dtype=torch.int64, device=device)
+        self.token_slot = torch.zeros(B, dtype=torch.int64, device=device)
+        self.slot_idx = torch.zeros(B, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(B, dtype=torch.int32, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def meta(self) -> StepMeta:
+        return StepMeta(is_prefill=False, positions=self.positions, token_slot=self.token_slot,
+                        slot_idx=self.slot_idx, seq_lens=self.seq_lens)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, policy: str = "dense", max_batch: int = 1,
+                 max_seq_len: int | None = None, cuda_graph: bool = True, max_prefill_tokens: int = 4096):
+        self.model, self.tokenizer = model, tokenizer
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        ctx = model.config.max_seq_len
+        if max_seq_len is not None and max_seq_len > ctx:
+            raise ContextOverflowError(f"--max-seq-len {max_seq_len} exceeds the model's context of {ctx} tokens")
+        self.capacity = max_seq_len or ctx
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.use_graph = cuda_graph and self.device.type == "cuda"
+        self.kv = make_policy(policy, model, device=self.device, dtype=self.dtype)
+        self.kv.allocate(max_batch, self.capacity)
+        self.free_slots = list(range(max_batch))
+        self._graphs: dict[int, _DecodeGraph] = {}
+        self.stats = GenStats()
+
+    # -- slots ----------------------------------------------------------------------------------
+    def new_sequence(self, prompt_ids: list[int]) -> Sequence:
+        if not self.free_slots:
+            raise RuntimeError(f"all {self.max_batch} sequence slots are in use; raise max_batch")
+        self.check_fits(len(prompt_ids))
+        return Sequence(slot=self.free_slots.pop(0), pending=list(prompt_ids))
+
+    def release(self, seq: Sequence) -> None:
+        self.free_slots.append(seq.slot)
+        self.free_slots.sort()
+
+    def check_fits(self, num_tokens: int) -> None:
+        if num_tokens + 1 > self.capacity:
+            raise ContextOverflowError(
+                f"the prompt has {num_tokens} tokens but the context holds {self.capacity} "
+                f"(prompt plus at least one new token): shorten the prompt"
+                + ("" if self.capacity == self.model.config.max_seq_len else " or raise --max-seq-len"))
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self.kv.close()
+
+    # -- forward passes -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence], all_logits: bool = False):
+        """Feed every sequence's pending tokens. Returns the last-token logits (B, V); with
+        all_logits, a list per sequence of (n_pending, V) logits instead (for scoring)."""
+        last: dict[int, torch.Tensor] = {}
+        full: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(seqs))}
+        for s in seqs:
+            self.check_fits(s.num_cached + len(s.pending))
+        while any(s.pending for s in seqs):
+            # one chunk: take pending tokens in order until the token budget is spent
+            budget, part = self.max_prefill_tokens, []
+            for i, s in enumerate(seqs):
+                if s.pending and budget > 0:
+                    n = min(len(s.pending), budget)
+                    part.append((i, s, n))
+                    budget -= n
+            toks, pos, tslot, cu = [], [], [], [0]
+            for _, s, n in part:
+                toks += s.pending[:n]
+                pos += range(s.num_cached, s.num_cached + n)
+                tslot += [s.slot] * n
+                cu.append(cu[-1] + n)
+            dev, i32 = self.device, torch.int32
+            meta = StepMeta(
+                is_prefill=True,
+                positions=torch.tensor(pos, dtype=torch.int64).to(dev),
+                token_slot=torch.tensor(tslot, dtype=torch.int64).to(dev),
+                slot_idx=torch.tensor([s.slot for _, s, _ in part], dtype=i32).to(dev),
+                seq_lens=torch.tensor([s.num_cached + n for _, s, n in part], dtype=i32).to(dev),
+                cu_seqlens_q=torch.tensor(cu, dtype=i32).to(dev),
+                start_pos=torch.tensor([s.num_cached for _, s, _ in part], dtype=i32).to(dev),
+                max_seqlen_q=max(n for _, _, n in part))
+            logits_idx = None if all_logits else torch.tensor(cu[1:], device=dev) - 1
+            self.kv.begin(meta)
+            logits = self.model(torch.tensor(toks, device=dev), meta, self.kv, logits_idx)
+            for j, (i, s, n) in enumerate(part):
+                s.cached_ids += s.pending[:n]
+                del s.pending[:n]
+                if all_logits:
+                    full[i].append(logits[cu[j]:cu[j + 1]])
+                elif not s.pending:
+                    last[i] = logits[j]
+        if all_logits:
+            return [torch.cat(full[i]) if full[i] else None for i in range(len(seqs))]
+        return torch.stack([last[i] for i in range(len(seqs))])
+
+    def _decode_forward(self, g: _DecodeGraph) -> torch.Tensor:
+        """One decode step from the static buffers; advances positions for the next step.
+        Everything here is captured into the CUDA graph."""
+        meta = g.meta()
+        self.kv.begin(meta)
+        logits = self.model(g.tokens, meta, self.kv, None)             # (B, V)
+        # next step's positions; finished sequences stay clamped inside the slot
+        g.positions.add_(1).clamp_(max=self.capacity - 1)
+        g.seq_lens.add_(1).clamp_(max=self.capacity)
+        return logits
+
+    def _decode_graph(self, seqs: list[Sequence]) -> _DecodeGraph:
+        B = len(seqs)
+        g = self._graphs.get(B)
+        if g is None:
+            g = self._graphs[B] = _DecodeGraph(B, self.device)
+        # load this batch's slots and lengths (host -> device, once per generate call)
+        g.slot_idx.copy_(torch.tensor([s.slot for s in seqs], dtype=torch.int32))
+        g.token_slot.copy_(g.slot_idx)
+        g.positions.copy_(torch.tensor([s.num_cached for s in seqs]))
+        g.seq_lens.copy_(g.positions + 1)
+        if self.use_graph and g.graph is None:
+            self._capture(g)
+        return g
+
+    def _capture(self, g: _DecodeGraph) -> None:
+        saved = (g.positions.clone(), g.seq_lens.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())   # side (warm-up) waits for the buffer loads
+        with torch.cuda.stream(side):
+            for _ in range(2):                           # compile kernels, settle allocations
+                self._decode_forward(g)
+        torch.cuda.current_stream().wait_stream(side)   # main waits for the warm-up
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph):
+            g.logits = self._decode_forward(g)
+        # warm-up wrote K/V past the live lengths (overwritten before read) and advanced positions
+        g.positions.copy_(saved[0])
+        g.seq_lens.copy_(saved[1])
+
+    @torch.inference_mode()
+    def decode_step(self, g: _DecodeGraph) -> torch.Tensor:
+        if g.graph is not None:
+            g.graph.replay()
+            return g.logits
+        return self._decode_forward(g)
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, seqs: list[Sequence], sp: SamplingParams):
+        """Run seqs to completion; yields a list of (seq, new_text) after every step."""
+        t0 = time.perf_counter()
+        gen = make_generator(sp.seed, self.device)
+        eos = set() if sp.ignore_eos else set(self.tokenizer.eos_ids)
+        for s in seqs:
+            s.output_ids, s.text, s.held, s.finished, s.finish_reason = [], "", "", False, None
+            s.decoder = self.tokenizer.stream_decoder()
+        self.stats = st = GenStats(prompt_tokens=sum(len(s.pending) for s in seqs))
+        next_tok = sample_no_sync(self.prefill(seqs), sp, gen)
+        g = None
+        while True:
+            ids = next_tok.tolist()          # sync: sampled tokens to the host (stream + stop checks)
+            if g is None:
+                st.prefill_s = time.perf_counter() - t0
+                t1 = time.perf_counter()
+            yield [(s, self._accept(s, t, sp, eos)) for s, t in zip(seqs, ids) if not s.finished]
+            if all(s.finished for s in seqs):
+                break
+            if g is None:
+                g = self._decode_graph(seqs)
+            g.tokens.copy_(next_tok)
+            logits = self.decode_step(g)
+            for s, t in zip(seqs, ids):
+                if not s.finished:
+                    s.cached_ids.append(t)
+            next_tok = sample_no_sync(logits, sp, gen)
+        st.new_tokens = sum(len(s.output_ids) for s in seqs)
+        st.decode_s = time.perf_counter() - t1 if g is not None else 0.0
+
+    def _accept(self, s: Sequence, tok: int, sp: SamplingParams, eos: set[int]) -> str:
+        """Append a sampled token; returns the text that can be shown now."""
+        if tok in eos:
+            s.finished, s.finish_reason = True, "eos"
+            s.held += s.decoder.flush()
+            return self._release_held(s)
+        s.output_ids.append(tok)
+        s.held += s.decoder.push(tok)
+        for stop in sp.stop:
+            at = s.held.find(stop)
+            if at >= 0:
+                s.held = s.held[:at]
+                s.finished, s.finish_reason = True, "stop"
+                return self._release_held(s)
+        # "context": the token would be fed at position num_cached, past the slot's end
+        reason = ("length" if len(s.output_ids) >= sp.max_new_tokens
+                  else "context" if s.num_cached >= self.capacity else None)
+        if reason:
+            s.finished, s.finish_reason = True, reason
+            s.held += s.decoder.flush()
+            return self._release_held(s)
+        # keep back the longest tail that could still grow into a stop string
+        keep = max((len(x) - 1 for x in sp.stop), default=0)
+        out = s.held[:len(s.held) - keep] if keep else s.held
+        s.held = s.held[len(out):]
+        s.text += out
+        return out
+
+    @staticmethod
+    def _release_held(s: Sequence) -> str:
+        out, s.held = s.held, ""
+        s.text += out
+        return out

@@ -1,0 +1,104 @@
+"""`LLM`: the Python entry point. Loads a checkpoint (HF directory, GGUF, or the embedded default),
+builds the model on the chosen device and runs batched generation through the engine.
+
+    from minigen import LLM
+    llm = LLM()                                   # SmolLM2-135M-Instruct, dense KV
+    print(llm.generate(["The capital of France is"], max_new_tokens=8, temperature=0)[0].text)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minigen.engine import Engine, Sequence
+from minigen.sampler import SamplingParams
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DEFAULT_MAX_SEQ_LEN = 8192   # default slot capacity when the model's context is longer
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device '{device}' is not supported; use cpu or cuda")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not supported; use one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def load_model(model: str | None = None, *, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) from a path (None: the embedded default)."""
+    from minigen.loader import load_checkpoint
+    from models import build_model
+    ckpt = load_checkpoint(model)
+    m = build_model(ckpt.config, ckpt.tensors(), device=device, dtype=dtype)
+    return m, ckpt.tokenizer
+
+
+@dataclass(slots=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, policy: str = "dense", device: str | None = None,
+                 dtype: str | torch.dtype | None = None, max_seq_len: int | None = None,
+                 cuda_graph: bool = True):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model, self.tokenizer = load_model(model, device=self.device, dtype=self.dtype)
+        self.policy, self.cuda_graph = policy, cuda_graph
+        self.max_seq_len = max_seq_len or min(self.model.config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+        self.engine: Engine | None = None
+
+    def get_engine(self, max_batch: int) -> Engine:
+        """The engine, (re)allocated when a larger batch is asked for."""
+        if self.engine is None or self.engine.max_batch < max_batch:
+            if self.engine is not None:
+                self.engine.close()
+            self.engine = Engine(self.model, self.tokenizer, policy=self.policy, max_batch=max_batch,
+                                 max_seq_len=self.max_seq_len, cuda_graph=self.cuda_graph)
+        return self.engine
+
+    def encode_prompt(self, prompt: str, chat: bool, system: str | None = None) -> list[int]:
+        if not chat:
+            return self.tokenizer.encode(prompt)
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(msgs), add_special_tokens=False)
+
+    def generate(self, prompts: str | list[str], *, chat: bool = False, system: str | None = None,
+                 **sampling) -> list[Completion]:
+        """Generate for each prompt; `sampling` takes SamplingParams fields (temperature, ...)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        sp = SamplingParams(**sampling)
+        engine = self.get_engine(len(prompts))
+        seqs = [engine.new_sequence(self.encode_prompt(p, chat, system)) for p in prompts]
+        try:
+            for _ in engine.generate(seqs, sp):
+                pass
+        finally:
+            for s in seqs:
+                engine.release(s)
+        return [Completion(s.text, s.output_ids, s.finish_reason) for s in seqs]
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
