@@ -28,6 +28,10 @@ class Conversation:
         self.seq: Sequence = self.engine.new_sequence([])
         self.reset()
 
+    def close(self) -> None:
+        """Give the KV slot back to the engine."""
+        self.engine.release(self.seq)
+
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.seq.cached_ids = []   # the slot's old K/V is overwritten as new tokens arrive

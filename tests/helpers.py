@@ -95,14 +95,14 @@ class IdTokenizer:
         return _D()
 
 
-def minigen_from_hf(hf_model, use_triton: bool = False, dtype=torch.float32):
+def minigen_from_hf(hf_model, use_triton: bool = False, dtype=torch.float32, device="cpu"):
     """minigen's model built from a transformers model's state dict (same names)."""
     from kernels import Ops
     from minigen.config import ModelConfig
     from models import build_model
     cfg = ModelConfig.from_hf(hf_model.config.to_dict())
-    return build_model(cfg, hf_model.state_dict().items(), device="cpu", dtype=dtype,
-                       ops=Ops(use_triton=use_triton))
+    return build_model(cfg, hf_model.state_dict().items(), device=device, dtype=dtype,
+                       ops=Ops(use_triton=use_triton or device == "cuda"))
 
 
 def random_prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
@@ -111,12 +111,12 @@ def random_prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
 
 
 def check_against_hf(hf_model, lengths=(7, 19), steps: int = 32, use_triton: bool = False,
-                     atol: float = 1e-4, max_prefill_tokens: int = 4096):
+                     atol: float = 1e-4, max_prefill_tokens: int = 4096, device: str = "cpu"):
     """Prefill logits of a ragged batch within atol of transformers, then `steps` greedy tokens
-    identical to a cache-free transformers loop."""
+    identical to a cache-free transformers loop (on CUDA: Triton kernels, CUDA-graph decode)."""
     from minigen.engine import Engine
     from minigen.sampler import SamplingParams
-    model = minigen_from_hf(hf_model, use_triton=use_triton)
+    model = minigen_from_hf(hf_model, use_triton=use_triton, device=device)
     prompts = random_prompts(hf_model.config.vocab_size, lengths)
     eng = Engine(model, IdTokenizer(), max_batch=len(prompts), max_seq_len=128,
                  max_prefill_tokens=max_prefill_tokens)

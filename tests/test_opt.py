@@ -26,3 +26,10 @@ def test_opt_triton_kernels_interpreted():
         pytest.skip("set TRITON_INTERPRET=1 to run Triton kernels on the CPU")
     check_against_hf(tiny_hf_model(tiny_opt_config(num_hidden_layers=1)), lengths=(5, 3), steps=3,
                      use_triton=True, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_opt_matches_transformers_cuda(case):
+    eng = check_against_hf(tiny_hf_model(tiny_opt_config(**CASES[case])), device="cuda", atol=1e-4)
+    assert eng._graphs and all(g.graph is not None for g in eng._graphs.values())
