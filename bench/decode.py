@@ -91,6 +91,17 @@ def random_model(shape: str, dtype: torch.dtype, max_seq_len: int):
     return build_model(cfg, tensors(), device="cuda", dtype=dtype), hf
 
 
+def hf_shape_of(cfg: ModelConfig) -> dict | None:
+    """Hugging Face config fields of a loaded model's shape (for the transformers baselines)."""
+    if cfg.arch != "llama":
+        return None
+    return dict(model_type="llama", vocab_size=cfg.vocab_size, hidden_size=cfg.dim,
+                intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings)
+
+
 def weight_bytes(model) -> int:
     """Bytes of weights a decode step reads (the input embedding table is gathered, not read)."""
     seen, total = set(), 0
@@ -225,7 +236,7 @@ def main(argv=None) -> int:
     else:
         from minigen.llm import load_model
         model, _ = load_model(None if args.model == "default" else args.model, device="cuda", dtype=dtype)
-        hf_cfg, name = None, args.model
+        hf_cfg, name = hf_shape_of(model.config), args.model
     r = time_minigen(model, policy=args.policy, batch=args.batch, context=args.context, steps=args.steps)
     nbytes = r["weight_bytes"] + r["kv_bytes"]
     floor_ms = nbytes / (ceiling * 1e9) * 1e3

