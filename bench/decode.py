@@ -119,36 +119,86 @@ def weight_bytes(model) -> int:
 # ---------------------------------------------------------------------------------------------
 # minigen
 # ---------------------------------------------------------------------------------------------
-def time_minigen(model, *, policy: str, batch: int, context: int, steps: int) -> dict:
+def pinned_h2d_gbps(nbytes: int = 1 << 30) -> float:
+    """Pinned host -> device copy bandwidth (GB/s), one large copy."""
+    from triton.testing import do_bench
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    ms = do_bench(lambda: dst.copy_(src, non_blocking=True), warmup=20, rep=100, return_mode="median")
+    del src, dst
+    return nbytes / ms / 1e6
+
+
+def fill_random(t: torch.Tensor, chunk: int = 1 << 27) -> None:
+    """Fill a GPU or pinned-host tensor with N(0, 1) values through device copies (fast for
+    tens of GB of pinned pool; decode cost does not depend on the values)."""
+    flat = t.view(-1)
+    src = torch.randn(min(chunk, flat.numel()), device="cuda").to(t.dtype)
+    for i in range(0, flat.numel(), chunk):
+        n = min(chunk, flat.numel() - i)
+        flat[i:i + n].copy_(src[:n], non_blocking=True)
+    torch.cuda.synchronize()
+
+
+def fill_cache(kv) -> None:
+    """Random K/V everywhere a policy keeps them, as if the context had been prefilled."""
+    for owner in (kv, getattr(kv, "dense", None)):
+        for name in ("k_cache", "v_cache", "pk", "a_sel"):
+            t = getattr(owner, name, None) if owner is not None else None
+            if t is not None:
+                fill_random(t)
+    pool = getattr(kv, "pool", None)
+    if pool is not None:
+        fill_random(pool.k)
+        fill_random(pool.v)
+
+
+def cuda_ms(fn, n: int) -> float:
+    """Mean time of n calls of fn, CUDA events around the whole run (host gaps included)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def time_minigen(model, *, policy: str, batch: int, context: int, steps: int, opts: dict | None = None) -> dict:
     from minigen.engine import Engine
     from minigen.sampler import SamplingParams, sample_no_sync
     cfg = model.config
-    eng = Engine(model, _NoTokenizer(), policy=policy, max_batch=batch, max_seq_len=context + steps + 8)
+    eng = Engine(model, _NoTokenizer(), policy=policy, max_batch=batch, max_seq_len=context + steps + 8,
+                 policy_opts=opts)
     seqs = [eng.new_sequence([]) for _ in range(batch)]
-    # a full context of random K/V, as if `context` tokens had been prefilled
-    eng.kv.k_cache.normal_()
-    eng.kv.v_cache.normal_()
+    fill_cache(eng.kv)
     for s in seqs:
         s.cached_ids = [0] * context
     g = eng._decode_graph(seqs)
     g.tokens.random_(0, cfg.vocab_size)
-    torch.cuda.synchronize()
-    for _ in range(3):          # warm-up replays
+
+    def reset():   # back to a context of `context` tokens before each timed run
+        g.positions.fill_(context)
+        g.seq_lens.fill_(context + 1)
+        g.host_start = [context] * batch
+
+    for _ in range(3):          # warm-up (kernel compilation, graph capture)
         eng.decode_step(g)
-    g.positions.fill_(context)
-    g.seq_lens.fill_(context + 1)
-    # (a) the captured step alone
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(steps):
-        eng.decode_step(g)
-    end.record()
-    torch.cuda.synchronize()
-    step_ms = start.elapsed_time(end) / steps
-    # (b) the engine loop: step + sampling + one host sync per token
-    g.positions.fill_(context)
-    g.seq_lens.fill_(context + 1)
+    reset()
+    step_ms = cuda_ms(lambda: eng.decode_step(g), steps)      # (a) the decode step alone
+    res = dict(step_ms=step_ms)
+    kv = eng.kv
+    if policy == "infinigen":   # (b) its parts: compute without the PCIe gather, and the gather alone
+        res["fetched_fraction"] = kv.stats()["fetched_fraction"]
+        reset()
+        kv.skip_gather = True
+        res["compute_ms"] = cuda_ms(lambda: eng.decode_step(g), steps)
+        kv.skip_gather = False
+        res["transfer_ms"] = cuda_ms(lambda: kv.gather_all(), steps)
+        res["transfer_bytes"] = kv.gather_bytes()
+    # (c) the engine loop: step + sampling + one host sync per token
+    reset()
     sp = SamplingParams(temperature=0)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -157,10 +207,11 @@ def time_minigen(model, *, policy: str, batch: int, context: int, steps: int) ->
         g.tokens.copy_(tok)
         tok = sample_no_sync(eng.decode_step(g), sp, None)
         tok.tolist()            # sync: the streaming loop's per-token host read
-    loop_ms = (time.perf_counter() - t0) * 1000 / steps
-    kv_bytes = batch * (context + 1) * cfg.kv_bytes_per_token(model.lm_head.weight.element_size())
-    res = dict(step_ms=step_ms, loop_ms=loop_ms, weight_bytes=weight_bytes(model), kv_bytes=kv_bytes,
-               peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, graph=g.graph is not None)
+    res["loop_ms"] = (time.perf_counter() - t0) * 1000 / steps
+    res.update(weight_bytes=weight_bytes(model),
+               kv_bytes=batch * (context + 1) * cfg.kv_bytes_per_token(model.lm_head.weight.element_size()),
+               peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, graph=g.graph is not None,
+               host_pool_gib=round(kv.stats().get("host_pool_gib", 0.0), 2))
     eng.close()
     return res
 
@@ -214,7 +265,11 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model path (HF directory or .gguf); 'default' = SmolLM2 GGUF")
     src.add_argument("--shape", choices=sorted(SHAPES), help="named shape with random weights")
-    p.add_argument("--policy", default="dense")
+    p.add_argument("--policy", default="dense", choices=("dense", "offload", "infinigen"))
+    p.add_argument("--alpha", type=float, default=None, help="infinigen threshold ('inf': off, fixed budget)")
+    p.add_argument("--budget", type=float, default=None, help="infinigen: max fraction of the context per KV head")
+    p.add_argument("--partial-ratio", type=float, default=None)
+    p.add_argument("--dense-layers", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--steps", type=int, default=64)
@@ -230,6 +285,9 @@ def main(argv=None) -> int:
     from minigen.llm import resolve_dtype
     dtype = resolve_dtype(args.dtype, torch.device("cuda"))
     ceiling = hbm_copy_gbps()
+    h2d = pinned_h2d_gbps()
+    opts = {n: getattr(args, n) for n in ("alpha", "budget", "partial_ratio", "dense_layers")
+            if getattr(args, n) is not None}
     if args.shape:
         model, hf_cfg = random_model(args.shape, dtype, args.context + args.steps + 8)
         name = args.shape
@@ -237,25 +295,36 @@ def main(argv=None) -> int:
         from minigen.llm import load_model
         model, _ = load_model(None if args.model == "default" else args.model, device="cuda", dtype=dtype)
         hf_cfg, name = hf_shape_of(model.config), args.model
-    r = time_minigen(model, policy=args.policy, batch=args.batch, context=args.context, steps=args.steps)
+    r = time_minigen(model, policy=args.policy, batch=args.batch, context=args.context, steps=args.steps,
+                     opts=opts)
     nbytes = r["weight_bytes"] + r["kv_bytes"]
     floor_ms = nbytes / (ceiling * 1e9) * 1e3
     out = dict(bench="decode", model=name, policy=args.policy, batch=args.batch, context=args.context,
                steps=args.steps, dtype=args.dtype, gpu=torch.cuda.get_device_name(),
-               torch=torch.__version__, hbm_copy_gbps=round(ceiling, 1),
+               torch=torch.__version__, hbm_copy_gbps=round(ceiling, 1), pinned_h2d_gbps=round(h2d, 1),
+               policy_opts={k: (str(v) if v == float("inf") else v) for k, v in opts.items()},
                bytes_per_step=nbytes, floor_ms=round(floor_ms, 3),
                minigen=dict(step_ms=round(r["step_ms"], 3), loop_ms=round(r["loop_ms"], 3),
                             tok_s=round(args.batch * 1000 / r["loop_ms"], 1),
                             achieved_gbps=round(nbytes / r["step_ms"] / 1e6, 1),
                             x_floor=round(r["step_ms"] / floor_ms, 3), cuda_graph=r["graph"],
-                            peak_gpu_gib=round(r["peak_gpu_gib"], 2)))
+                            peak_gpu_gib=round(r["peak_gpu_gib"], 2), host_pool_gib=r["host_pool_gib"]))
+    m = out["minigen"]
+    if args.policy == "offload":   # everything crosses PCIe each step
+        m["pcie_floor_ms"] = round(r["kv_bytes"] / (h2d * 1e9) * 1e3, 3)
+        m["x_pcie_floor"] = round(r["step_ms"] / m["pcie_floor_ms"], 3)
+    if args.policy == "infinigen":
+        m.update(fetched_fraction=round(r["fetched_fraction"], 4), compute_ms=round(r["compute_ms"], 3),
+                 transfer_ms=round(r["transfer_ms"], 3), transfer_gb=round(r["transfer_bytes"] / 1e9, 3),
+                 transfer_gbps=round(r["transfer_bytes"] / r["transfer_ms"] / 1e6, 1),
+                 x_max_parts=round(r["step_ms"] / max(r["compute_ms"], r["transfer_ms"]), 3))
     del model
     free_gpu()
     modes = []
     if args.transformers == "auto":
         try:
             import transformers  # noqa: F401
-            modes = ["dynamic", "static", "offloaded"] if hf_cfg else []
+            modes = (["offloaded"] if args.policy != "dense" else ["dynamic", "static", "offloaded"]) if hf_cfg else []
         except ImportError:
             modes = []
     elif args.transformers != "none":
@@ -277,6 +346,11 @@ def main(argv=None) -> int:
         print(f"{name} {args.policy} B={args.batch} T={args.context}: step {m['step_ms']:.2f} ms "
               f"(floor {floor_ms:.2f} ms at {ceiling:.0f} GB/s, x{m['x_floor']:.2f}), loop {m['loop_ms']:.2f} ms, "
               f"{m['tok_s']:.0f} tok/s, {m['achieved_gbps']:.0f} GB/s")
+        if "pcie_floor_ms" in m:
+            print(f"  PCIe floor {m['pcie_floor_ms']:.2f} ms at {h2d:.1f} GB/s pinned H2D: x{m['x_pcie_floor']:.2f}")
+        if "transfer_ms" in m:
+            print(f"  fetched {m['fetched_fraction']:.1%}: compute alone {m['compute_ms']:.2f} ms, transfer alone "
+                  f"{m['transfer_ms']:.2f} ms ({m['transfer_gbps']:.1f} GB/s), step / max(parts) x{m['x_max_parts']:.2f}")
         for mode in modes:
             t = out[f"transformers_{mode}"]
             print(f"  transformers {mode}: " + (f"{t['step_ms']:.2f} ms/step" if "step_ms" in t else t["error"]))

@@ -20,19 +20,16 @@ class Ops:
     One object per model so that nothing is chosen through module-level state.
     """
 
-    __slots__ = ("use_triton", "rms_norm", "layer_norm", "rope", "swiglu",
-                 "prefill_attention", "decode_attention")
+    NAMES = ("rms_norm", "layer_norm", "rope", "swiglu", "prefill_attention", "decode_attention",
+             "append_kv", "partial_qk", "select", "gather_kv", "sparse_attention")
+    __slots__ = ("use_triton",) + NAMES
 
     def __init__(self, use_triton: bool):
-        from kernels import decode_attention, layer_norm, prefill_attention, rms_norm, rope, swiglu
+        import importlib
         self.use_triton = use_triton
-        pick = (lambda mod, name: getattr(mod, name if use_triton else name + "_ref"))
-        self.rms_norm = pick(rms_norm, "rms_norm")
-        self.layer_norm = pick(layer_norm, "layer_norm")
-        self.rope = pick(rope, "rope")
-        self.swiglu = pick(swiglu, "swiglu")
-        self.prefill_attention = pick(prefill_attention, "prefill_attention")
-        self.decode_attention = pick(decode_attention, "decode_attention")
+        for name in self.NAMES:
+            mod = importlib.import_module(f"kernels.{name}")
+            setattr(self, name, getattr(mod, name if use_triton else name + "_ref"))
 
     @classmethod
     def for_device(cls, device) -> "Ops":

@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from minigen.cli import add_model_args, add_sampling_args, run_main
+from minigen.cli import add_model_args, add_sampling_args, policy_opts, run_main
 from minigen.engine import Sequence
 from minigen.llm import LLM
 from minigen.sampler import SamplingParams
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
                         top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
     t0 = time.perf_counter()
     llm = LLM(args.model, policy=args.policy, device=args.device, dtype=args.dtype,
-              max_seq_len=args.max_seq_len)
+              max_seq_len=args.max_seq_len, policy_opts=policy_opts(args), skew=args.skew)
     conv = Conversation(llm, args.system)
     info = f"{llm.model.config.arch}, {llm.model.config.num_layers} layers, {llm.device}, {str(llm.dtype).split('.')[-1]}"
     if args.prompt is not None:
@@ -128,10 +128,11 @@ def main(argv=None) -> int:
 
 
 def stats_line(conv: Conversation, n_new: int) -> str:
-    st = conv.engine.stats
+    st, kv = conv.engine.stats, conv.engine.kv.stats()
+    fetched = f" | fetched {kv['fetched_fraction']:.1%} of KV" if "fetched_fraction" in kv else ""
     return (f"[{n_new} new prompt tokens, {conv.seq.num_cached} in context | "
             f"first token {st.prefill_s * 1000:.0f} ms | {st.new_tokens} tokens, "
-            f"{st.decode_tok_s:.1f} tok/s | finish: {conv.seq.finish_reason}]")
+            f"{st.decode_tok_s:.1f} tok/s{fetched} | finish: {conv.seq.finish_reason}]")
 
 
 if __name__ == "__main__":

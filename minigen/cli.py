@@ -15,6 +15,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="KV slot capacity in tokens (default: the model's context, at most 8192)")
+    g = p.add_argument_group("infinigen policy")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="keep tokens whose speculated logit is within alpha of the head's max "
+                        "(default: 5 for Llama, 4 for OPT; 'inf' turns the threshold off)")
+    g.add_argument("--budget", type=float, default=None, help="at most this fraction of the context per KV head (default 0.2)")
+    g.add_argument("--partial-ratio", type=float, default=None, help="skewed columns kept per head, as a fraction of D (default 0.2)")
+    g.add_argument("--dense-layers", type=int, default=None, help="first layers kept dense on the GPU (default 2)")
+    g.add_argument("--cpu-kv-limit", default=None, help="host KV pool limit in bytes or as a fraction (not implemented yet)")
+    g.add_argument("--skew", default=None, help="skew artifact (.pt) from `python -m minigen.skew` (default: cached per model, computed on first use)")
+
+
+def policy_opts(args) -> dict:
+    """The policy settings given on the command line (only those set), checked against --policy."""
+    names = ("alpha", "budget", "partial_ratio", "dense_layers")
+    opts = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "cpu_kv_limit", None) is not None:
+        raise NotImplementedError("--cpu-kv-limit (host pool limit with counter-based eviction) is not "
+                                  "implemented yet: the pool holds every token")
+    if opts and args.policy != "infinigen":
+        flags = ", ".join("--" + n.replace("_", "-") for n in opts)
+        raise ValueError(f"{flags} only apply to --policy infinigen (got --policy {args.policy})")
+    return opts
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +54,7 @@ def user_errors():
     from minigen.config import ConfigError
     from minigen.kv import ContextOverflowError
     errs = [ConfigError, ContextOverflowError, ValueError, NotImplementedError, FileNotFoundError,
-            torch.OutOfMemoryError]
+            torch.OutOfMemoryError, MemoryError]
     try:
         from minigen.loader import LoadError
         errs.append(LoadError)

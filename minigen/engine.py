@@ -21,7 +21,7 @@ from minigen.kv import ContextOverflowError, DenseKV, KVPolicy, StepMeta
 from minigen.sampler import SamplingParams, make_generator, sample_no_sync
 
 POLICIES = ("dense", "offload", "infinigen", "h2o", "window")
-IMPLEMENTED_POLICIES = ("dense",)
+IMPLEMENTED_POLICIES = ("dense", "offload", "infinigen")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,15 +56,24 @@ class GenStats:
         return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def make_policy(name: str, model, *, device, dtype) -> KVPolicy:
+def make_policy(name: str, model, *, device, dtype, **opts) -> KVPolicy:
+    """The KV policy `name` for `model`; opts are the policy's own settings (alpha, budget, ...)."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy '{name}'; choose one of {', '.join(POLICIES)}")
     if name not in IMPLEMENTED_POLICIES:
         raise NotImplementedError(f"policy '{name}' is not implemented in this version of minigen; "
                                   f"available: {', '.join(IMPLEMENTED_POLICIES)}")
     cfg = model.config
-    return DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device,
-                   ops=model.ops, sm_scale=model.sm_scale)
+    common = dict(dtype=dtype, device=device, ops=model.ops)
+    if name == "infinigen":
+        from minigen.infinigen import InfiniGenKV
+        return InfiniGenKV(model, **common, **opts)
+    if opts:
+        raise ValueError(f"policy '{name}' takes no options, got {', '.join(sorted(opts))}")
+    if name == "offload":
+        from minigen.offload import OffloadKV
+        return OffloadKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, sm_scale=model.sm_scale, **common)
+    return DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, sm_scale=model.sm_scale, **common)
 
 
 class _DecodeGraph:
@@ -78,15 +87,19 @@ class _DecodeGraph:
         self.seq_lens = torch.zeros(B, dtype=torch.int32, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.host_slots: list[int] = [0] * B      # host copies, for policies that size transfers
+        self.host_start: list[int] = [0] * B
 
     def meta(self) -> StepMeta:
         return StepMeta(is_prefill=False, positions=self.positions, token_slot=self.token_slot,
-                        slot_idx=self.slot_idx, seq_lens=self.seq_lens)
+                        slot_idx=self.slot_idx, seq_lens=self.seq_lens, host_slots=self.host_slots,
+                        host_start=self.host_start, host_new=[1] * len(self.host_slots))
 
 
 class Engine:
     def __init__(self, model, tokenizer, *, policy: str = "dense", max_batch: int = 1,
-                 max_seq_len: int | None = None, cuda_graph: bool = True, max_prefill_tokens: int = 4096):
+                 max_seq_len: int | None = None, cuda_graph: bool = True, max_prefill_tokens: int = 4096,
+                 policy_opts: dict | None = None):
         self.model, self.tokenizer = model, tokenizer
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -95,8 +108,8 @@ class Engine:
             raise ContextOverflowError(f"--max-seq-len {max_seq_len} exceeds the model's context of {ctx} tokens")
         self.capacity = max_seq_len or ctx
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
-        self.use_graph = cuda_graph and self.device.type == "cuda"
-        self.kv = make_policy(policy, model, device=self.device, dtype=self.dtype)
+        self.kv = make_policy(policy, model, device=self.device, dtype=self.dtype, **(policy_opts or {}))
+        self.use_graph = cuda_graph and self.device.type == "cuda" and self.kv.graph_safe
         self.kv.allocate(max_batch, self.capacity)
         self.free_slots = list(range(max_batch))
         self._graphs: dict[int, _DecodeGraph] = {}
@@ -156,7 +169,9 @@ class Engine:
                 seq_lens=torch.tensor([s.num_cached + n for _, s, n in part], dtype=i32).to(dev),
                 cu_seqlens_q=torch.tensor(cu, dtype=i32).to(dev),
                 start_pos=torch.tensor([s.num_cached for _, s, _ in part], dtype=i32).to(dev),
-                max_seqlen_q=max(n for _, _, n in part))
+                max_seqlen_q=max(n for _, _, n in part),
+                host_slots=[s.slot for _, s, _ in part], host_start=[s.num_cached for _, s, _ in part],
+                host_new=[n for _, _, n in part])
             logits_idx = None if all_logits else torch.tensor(cu[1:], device=dev) - 1
             self.kv.begin(meta)
             logits = self.model(torch.tensor(toks, device=dev), meta, self.kv, logits_idx)
@@ -180,6 +195,7 @@ class Engine:
         # next step's positions; finished sequences stay clamped inside the slot
         g.positions.add_(1).clamp_(max=self.capacity - 1)
         g.seq_lens.add_(1).clamp_(max=self.capacity)
+        g.host_start = [min(p + 1, self.capacity - 1) for p in g.host_start]   # host mirror
         return logits
 
     def _decode_graph(self, seqs: list[Sequence]) -> _DecodeGraph:
@@ -188,7 +204,9 @@ class Engine:
         if g is None:
             g = self._graphs[B] = _DecodeGraph(B, self.device)
         # load this batch's slots and lengths (host -> device, once per generate call)
-        g.slot_idx.copy_(torch.tensor([s.slot for s in seqs], dtype=torch.int32))
+        g.host_slots = [s.slot for s in seqs]
+        g.host_start = [s.num_cached for s in seqs]
+        g.slot_idx.copy_(torch.tensor(g.host_slots, dtype=torch.int32))
         g.token_slot.copy_(g.slot_idx)
         g.positions.copy_(torch.tensor([s.num_cached for s in seqs]))
         g.seq_lens.copy_(g.positions + 1)
@@ -197,7 +215,7 @@ class Engine:
         return g
 
     def _capture(self, g: _DecodeGraph) -> None:
-        saved = (g.positions.clone(), g.seq_lens.clone())
+        saved = (g.positions.clone(), g.seq_lens.clone(), list(g.host_start))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())   # side (warm-up) waits for the buffer loads
         with torch.cuda.stream(side):
@@ -210,6 +228,7 @@ class Engine:
         # warm-up wrote K/V past the live lengths (overwritten before read) and advanced positions
         g.positions.copy_(saved[0])
         g.seq_lens.copy_(saved[1])
+        g.host_start = saved[2]
 
     @torch.inference_mode()
     def decode_step(self, g: _DecodeGraph) -> torch.Tensor:
@@ -217,6 +236,26 @@ class Engine:
             g.graph.replay()
             return g.logits
         return self._decode_forward(g)
+
+    @torch.inference_mode()
+    def teacher_force(self, seq: Sequence, targets: list[int]) -> torch.Tensor:
+        """Prefill seq's pending tokens, then feed `targets` one decode step at a time (the policy
+        sees every step, as in generation). Returns the log-probability of each target (n,)."""
+        if seq.num_cached + len(seq.pending) + len(targets) > self.capacity:
+            raise ContextOverflowError(f"{seq.num_cached + len(seq.pending) + len(targets)} tokens exceed the "
+                                       f"{self.capacity}-token slot; lower --context or raise --max-seq-len")
+        logits = self.prefill([seq])                                         # (1, V)
+        tgt = torch.tensor(targets, device=self.device)
+        out = torch.empty(len(targets), dtype=torch.float32, device=self.device)
+        g = self._decode_graph([seq])
+        for t in range(len(targets)):
+            out[t] = torch.log_softmax(logits[0].float(), -1)[tgt[t]]
+            if t + 1 == len(targets):
+                break
+            g.tokens.copy_(tgt[t:t + 1])
+            logits = self.decode_step(g)
+            seq.cached_ids.append(targets[t])
+        return out
 
     # -- generation -----------------------------------------------------------------------------
     @torch.inference_mode()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from minigen.cli import add_model_args, run_main
+from minigen.cli import add_model_args, policy_opts, run_main
 from minigen.llm import LLM
 
 
@@ -51,6 +51,24 @@ def perplexity(llm: LLM, ids: list[int], chunk: int = 1024) -> dict:
     return {"ppl": math.exp(nll_sum / n), "nll": nll_sum / n, "tokens": len(ids), "scored": n}
 
 
+def perplexity_decode(llm: LLM, ids: list[int], prefix: int) -> dict:
+    """NLL of ids[prefix:] scored through the decode path: ids[:prefix] is prefilled, every later
+    token is fed one decode step at a time, so the KV policy decides what each scored token sees."""
+    if not 1 <= prefix < len(ids):
+        raise ValueError(f"--prefix must be in [1, {len(ids) - 1}] for {len(ids)} tokens, got {prefix}")
+    engine = llm.get_engine(1)
+    seq = engine.new_sequence(ids[:prefix])
+    try:
+        lp = engine.teacher_force(seq, ids[prefix:])
+    finally:
+        engine.release(seq)
+    nll = -lp.double().mean().item()
+    res = {"ppl": math.exp(nll), "nll": nll, "tokens": len(ids), "scored": len(ids) - prefix,
+           "mode": "decode", "prefix": prefix}
+    res.update(engine.kv.stats())
+    return res
+
+
 def cmd_ppl(args) -> int:
     path = Path(args.text)
     if not path.is_file():
@@ -59,13 +77,19 @@ def cmd_ppl(args) -> int:
         raise ValueError(f"--context must be >= 2, got {args.context}")
     t0 = time.perf_counter()
     llm = LLM(args.model, policy=args.policy, device=args.device, dtype=args.dtype,
-              max_seq_len=args.max_seq_len or args.context + 1)
+              max_seq_len=args.max_seq_len or args.context + 1, policy_opts=policy_opts(args), skew=args.skew)
     ids = llm.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
     if len(ids) < args.context:
         print(f"note: {path} has {len(ids)} tokens, fewer than --context {args.context}; scoring all",
               file=sys.stderr)
     ids = ids[: args.context]
-    res = perplexity(llm, ids, chunk=args.chunk)
+    if args.mode == "decode":
+        res = perplexity_decode(llm, ids, args.prefix if args.prefix is not None else min(256, len(ids) // 2))
+    else:
+        if args.policy != "dense":
+            print("note: --mode prefill scores every token in prefill, where all policies attend densely; "
+                  "use --mode decode to score through the policy", file=sys.stderr)
+        res = perplexity(llm, ids, chunk=args.chunk)
     res.update(model=args.model or "default", policy=args.policy, context=args.context,
                device=str(llm.device), dtype=str(llm.dtype).split(".")[-1],
                seconds=round(time.perf_counter() - t0, 2))
@@ -83,6 +107,10 @@ def main(argv=None) -> int:
     pp.add_argument("--text", required=True, help="UTF-8 text file")
     pp.add_argument("--context", type=int, default=2048, help="tokens to score (N)")
     pp.add_argument("--chunk", type=int, default=1024, help="prefill chunk size")
+    pp.add_argument("--mode", choices=("prefill", "decode"), default="prefill",
+                    help="prefill: score all tokens in prefill chunks (fast, dense attention); decode: prefill "
+                         "--prefix tokens, then score the rest one decode step at a time through --policy")
+    pp.add_argument("--prefix", type=int, default=None, help="decode mode: tokens prefilled before scoring (default min(256, N/2))")
     pp.add_argument("--json", action="store_true", help="only the JSON line")
     for name in ("choice", "needle"):
         sub.add_parser(name, help=f"{name} evaluation (not implemented in this version)")

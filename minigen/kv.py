@@ -38,6 +38,10 @@ class StepMeta:
     cu_seqlens_q: torch.Tensor | None = None   # (B+1,) int32, prefill only
     start_pos: torch.Tensor | None = None      # (B,) int32 cached tokens before this step, prefill
     max_seqlen_q: int = 1                      # host int: longest new-token run (grid size)
+    # the same lengths as host ints, for policies that size copies (no device reads needed)
+    host_slots: list[int] | None = None        # cache slot of every sequence
+    host_start: list[int] | None = None        # tokens cached before this step
+    host_new: list[int] | None = None          # new tokens this step
 
     @property
     def num_seqs(self) -> int:
@@ -48,6 +52,7 @@ class KVPolicy:
     """Base class. Subclasses implement `allocate`, `attend`; the rest are optional hooks."""
 
     name = "base"
+    graph_safe = False     # True: a decode step can be captured in a CUDA graph
 
     def allocate(self, num_slots: int, max_seq_len: int) -> None:
         raise NotImplementedError
@@ -80,6 +85,7 @@ class DenseKV(KVPolicy):
     """Whole KV cache on the model's device; exact attention."""
 
     name = "dense"
+    graph_safe = True
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
                  device: torch.device | str, ops: Ops, sm_scale: float):

@@ -59,11 +59,18 @@ class Completion:
 class LLM:
     def __init__(self, model: str | None = None, *, policy: str = "dense", device: str | None = None,
                  dtype: str | torch.dtype | None = None, max_seq_len: int | None = None,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, policy_opts: dict | None = None, skew: str | None = None):
+        from minigen.engine import POLICIES
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy '{policy}'; choose one of {', '.join(POLICIES)}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model, self.tokenizer = load_model(model, device=self.device, dtype=self.dtype)
         self.policy, self.cuda_graph = policy, cuda_graph
+        self.policy_opts = dict(policy_opts or {})
+        if policy == "infinigen":   # the skew matrices: cached per model, computed on first use
+            from minigen.skew import load_skew_for
+            self.policy_opts["skew"] = load_skew_for(self.model, self.tokenizer, model, skew)
         self.max_seq_len = max_seq_len or min(self.model.config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
         self.engine: Engine | None = None
 
@@ -73,7 +80,8 @@ class LLM:
             if self.engine is not None:
                 self.engine.close()
             self.engine = Engine(self.model, self.tokenizer, policy=self.policy, max_batch=max_batch,
-                                 max_seq_len=self.max_seq_len, cuda_graph=self.cuda_graph)
+                                 max_seq_len=self.max_seq_len, cuda_graph=self.cuda_graph,
+                                 policy_opts=self.policy_opts)
         return self.engine
 
     def encode_prompt(self, prompt: str, chat: bool, system: str | None = None) -> list[int]:

@@ -132,6 +132,13 @@ class Llama(nn.Module):
         x = ops.rms_norm(x, self.model.norm.weight, cfg.norm_eps)
         return self.lm_head(x).float()                                    # (*, V)
 
+    def project_q(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s post-RoPE queries for attention input h (N, C): (N, H, D). Speculative
+        policies call it with an earlier layer's input to guess this layer's attention."""
+        cfg = self.config
+        q = self.model.layers[layer].self_attn.q_proj(h).view(h.shape[0], cfg.num_heads, cfg.head_dim)
+        return self.ops.rope(q, q, positions, self.rope_cos, self.rope_sin)[0]
+
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
 

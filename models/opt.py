@@ -112,5 +112,10 @@ class OPT(nn.Module):
             x = dec.project_out(x)                                        # (*, P)
         return self.lm_head(x).float()                                    # (*, V)
 
+    def project_q(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s queries (N, H, D) for attention input h (N, C) (no RoPE in OPT)."""
+        cfg = self.config
+        return self.model.decoder.layers[layer].self_attn.q_proj(h).view(h.shape[0], cfg.num_heads, cfg.head_dim)
+
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.decoder.embed_tokens.weight

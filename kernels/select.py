@@ -1,0 +1,287 @@
+"""InfiniGen token selection: threshold the speculated logits, cap the count, compact the indices.
+
+Math, for sequence b (n = seq_lens[b] tokens) and kv head g (query heads h = g*G .. g*G+G-1):
+    m_h   = max_{t<n} scores[b, h, t]
+    ns_t  = max_h (scores[b, h, t] - m_h)           <= 0; the group's union: any head may want t
+    C     = { t < n : ns_t > -alpha }               never empty: the argmax token has ns = 0
+    cap   = min(max_select, max(1, ceil(budget * n)))   product in fp32, on the device
+    sel   = C                                       if |C| <= cap
+          = the cap tokens of C with the largest (ns_t, -t)   otherwise (ties: lower t wins)
+    count[b, g] = |sel|;  idx[b, g, :count] = sel ascending;  idx[b, g, count:] = 0
+alpha = inf with budget >= 1 and max_select >= n selects every token t < n (the dense check).
+Scores must be finite for t < n (what lies past n is never read: -inf, garbage, anything).
+
+Algorithm, one program per (b, g), every pass a loop over BLOCK_T-token blocks of the G score rows
+(ns is recomputed from the scores each pass: no scratch buffer, nothing to write back):
+    pass 1   m_h per head (running max).
+    pass 2   ns, |C|, and an optimistic compaction of C into idx (block prefix sum + running
+             offset, stores below cap only). When |C| <= cap (the usual case: real attention is
+             sparse) the answer is already written: two passes in all.
+    else     exact radix select of the cap-th largest ns. For ns <= 0, larger ns <=> smaller
+             |ns| <=> smaller float bits of |ns| ("mag", an int in [0, 2^31); -0 and +0 agree),
+             so it is the cap-th SMALLEST mag: four 8-bit digit passes, each a 256-bin
+             tl.histogram of the digit over tokens whose higher digits match the prefix found so
+             far, then a prefix sum picks the digit. Bit-exact, no float bisection.
+             Then one compaction pass: keep mag < kth, plus the first `need` tokens with mag == kth
+             in index order (need = cap - #{mag < kth}: the tie rule, lower t wins).
+    tail     idx[count:max_select] = 0.
+
+Cost per call (bytes; scores are fp32, rows re-read per pass mostly hit L2):
+    reads   passes * sum_b G * Hkv * n_b * 4   (passes = 2, or 7 when the cap binds)
+    writes  B * Hkv * (max_select + 1) * 4     (indices, zero tail, counts)
+Grid (B, Hkv): one program streams its G rows serially, so with few programs the loop is
+latency bound (~1 us per block) rather than bandwidth bound.
+Example (estimates from bytes and instruction counts, NOT measured): B=8, H=32, n=32768, i.e.
+34 MB of fp32 scores. Hkv=32: 256 programs, ~20-30 us when the cap does not bind; ~150-200 us
+when it binds in every row (4 histogram passes over 8.4 M tokens, ~3 instructions per token
+each). Hkv=8: 64 programs of 4 rows, 16 blocks per pass: ~40-60 us without the cap.
+"""
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+# Score elements per loaded tile (BLOCK_G x BLOCK_T): 8192 fp32 over 8 warps = 32 per thread,
+# 32 KB in flight per program; BLOCK_T <= 4096 keeps the 1-D per-token work (ns, prefix sums,
+# histogram digits) at 16 per thread (sm_90: 80-125 registers, no spills; 247 at BLOCK_T 8192).
+# Tests lower both to exercise the block loops.
+_TILE = 8192
+_MAX_BLOCK_T = 4096
+# Zero-tail block of idx.
+_BLOCK_OUT = 1024
+
+
+@triton.jit
+def _group_ns(rows, offs_t, n, g_mask, m):
+    """ns over one block: max over the group's heads of (score - m_h), -inf at t >= n.
+    rows: (BLOCK_G, 1) row pointers; m: (BLOCK_G,) per-head maxima, finite (0 on padding rows),
+    so the -inf that masked loads give (t >= n, padding rows) stays -inf through the subtraction."""
+    s = tl.load(rows + offs_t[None, :], mask=g_mask[:, None] & (offs_t < n)[None, :],
+                other=float("-inf"))                                        # (BLOCK_G, BLOCK_T)
+    return tl.max(s - m[:, None], axis=0)                                   # (BLOCK_T,)
+
+
+@triton.jit
+def _select_kernel(
+    # pointers
+    Scores, SeqLens, Idx, Count,
+    # sizes and scalars
+    T, max_select, neg_alpha, budget,
+    # strides (elements; the token dim is contiguous)
+    stride_sb, stride_sh, stride_ib, stride_ig, stride_cb,
+    # constexprs
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_OUT: tl.constexpr,
+):
+    # ---- which (sequence, kv head): int64 before any stride multiply
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)
+    n = tl.minimum(tl.load(SeqLens + b), T)          # clamp: a bad seq_lens must not read past a row
+
+    # ---- cap = min(max_select, max(1, ceil(budget * n))), fp32 product (the ref does the same)
+    # (clamped to 2^24 >= max_select before the int conversion, so it cannot overflow)
+    cap_f = tl.math.ceil(n.to(tl.float32) * budget)
+    cap = tl.minimum(tl.minimum(tl.maximum(cap_f, 1.0), 16777216.0).to(tl.int32), max_select)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_t = tl.arange(0, BLOCK_T)
+    g_mask = offs_g < GROUP                                                 # G = 3, 6: padding rows
+    rows = Scores + b * stride_sb + (g * GROUP + offs_g)[:, None] * stride_sh   # (BLOCK_G, 1)
+    idx_row = Idx + b * stride_ib + g * stride_ig
+
+    # ---- pass 1: per-head max over the valid tokens (elementwise running max, one reduction)
+    m_tile = tl.full([BLOCK_G, BLOCK_T], float("-inf"), dtype=tl.float32)
+    for t0 in range(0, n, BLOCK_T):
+        t = t0 + offs_t
+        s = tl.load(rows + t[None, :], mask=g_mask[:, None] & (t < n)[None, :], other=float("-inf"))
+        m_tile = tl.maximum(m_tile, s)
+    m = tl.max(m_tile, axis=1)                                              # (BLOCK_G,)
+    m = tl.where(g_mask, m, 0.0)       # padding rows: -inf - 0 = -inf, never -inf - -inf = NaN
+
+    # ---- pass 2: candidates ns > -alpha; count them and compact them optimistically (pos < cap)
+    num_c = tl.zeros([1], dtype=tl.int32).sum(0)  # int32 scalar carried through the loop
+    for t0 in range(0, n, BLOCK_T):
+        t = t0 + offs_t
+        ns = _group_ns(rows, t, n, g_mask, m)
+        keep = (ns > neg_alpha).to(tl.int32)                                # -inf never passes
+        pos = num_c + tl.cumsum(keep, 0) - 1                                # slot in idx
+        tl.store(idx_row + pos, t, mask=(keep != 0) & (pos < cap))
+        num_c += tl.sum(keep, 0)
+    count = tl.minimum(num_c, cap)
+
+    # Pass 2 and the re-compaction below write the same idx slots from different threads:
+    # the barrier orders them (global writes before it are visible to the CTA after it).
+    tl.debug_barrier()
+
+    if num_c > cap:
+        # ---- radix select: kth = the cap-th smallest mag = |ns| bits over t < n (C is an upper
+        # set of ns and |C| > cap, so the cap-th largest ns of the row lies in C). Invariant:
+        # `k` (1-based) indexes into the tokens whose mag matches `prefix` on the digits so far.
+        bins = tl.arange(0, 256)
+        prefix = tl.zeros([1], dtype=tl.int32).sum(0)
+        k = cap
+        for p in tl.static_range(4):
+            SHIFT = 24 - 8 * p                                              # constexpr
+            hist = tl.zeros([256], dtype=tl.int32)
+            for t0 in range(0, n, BLOCK_T):
+                t = t0 + offs_t
+                ns = _group_ns(rows, t, n, g_mask, m)
+                mag = ns.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+                match = t < n
+                if p > 0:
+                    match = match & ((mag >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
+                hist += tl.histogram((mag >> SHIFT) & 255, 256, mask=match)
+            # smallest digit d whose inclusive count reaches k; drop the tokens below it
+            cum = tl.cumsum(hist, 0)
+            d = tl.sum((cum < k).to(tl.int32), 0)
+            k -= tl.sum(tl.where(bins < d, hist, 0), 0)
+            prefix = prefix | (d << SHIFT)
+        kth = prefix                # mag of the cap-th largest ns
+        need = k                    # how many tokens with mag == kth to keep (>= 1): lowest t first
+
+        # ---- re-compaction: mag < kth, plus the first `need` ties in index order
+        num_sel = tl.zeros([1], dtype=tl.int32).sum(0)
+        num_tie = tl.zeros([1], dtype=tl.int32).sum(0)
+        for t0 in range(0, n, BLOCK_T):
+            t = t0 + offs_t
+            t_valid = t < n
+            ns = _group_ns(rows, t, n, g_mask, m)
+            mag = ns.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            tie = (t_valid & (mag == kth)).to(tl.int32)
+            tie_rank = num_tie + tl.cumsum(tie, 0) - 1
+            keep = (t_valid & ((mag < kth) | ((tie != 0) & (tie_rank < need)))).to(tl.int32)
+            pos = num_sel + tl.cumsum(keep, 0) - 1
+            tl.store(idx_row + pos, t, mask=keep != 0)
+            num_sel += tl.sum(keep, 0)
+            num_tie += tl.sum(tie, 0)
+
+    # ---- count, and zeros after it (disjoint from every slot written above: no barrier needed)
+    tl.store(Count + b * stride_cb + g, count)
+    offs_o = tl.arange(0, BLOCK_OUT)
+    zeros = tl.zeros([BLOCK_OUT], dtype=tl.int32)
+    for j0 in range((count // BLOCK_OUT) * BLOCK_OUT, max_select, BLOCK_OUT):
+        j = j0 + offs_o
+        tl.store(idx_row + j, zeros, mask=(j >= count) & (j < max_select))
+
+
+def _launch_config(T: int, group_size: int) -> tuple[int, int, int]:
+    """(BLOCK_G, BLOCK_T, num_warps). BLOCK_T >= 32 * num_warps: per-token tensors must not wrap
+    around the CTA (a wrapped, replicated element would be counted twice by tl.histogram)."""
+    block_g = triton.next_power_of_2(group_size)
+    block_t = max(32, min(triton.next_power_of_2(max(T, 1)), _TILE // block_g, _MAX_BLOCK_T))
+    num_warps = 8 if block_g * block_t >= 4096 and block_t >= 256 else max(1, min(4, block_t // 32))
+    return block_g, block_t, num_warps
+
+
+def _to_f32(x: float) -> float:
+    """x rounded to fp32 (+-inf past the fp32 range, as torch rounds it), as a Python float: the
+    kernel and the ref compare against exactly the same threshold and multiply by the same budget."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _check_args(scores, seq_lens, alpha, budget, group_size, max_select) -> tuple[int, int, int, int]:
+    """Shapes and scalars (metadata only); returns (B, H, T, Hkv)."""
+    if scores.dim() != 3 or scores.dtype != torch.float32:
+        raise ValueError(f"select: scores must be (B, H, T) float32, got {tuple(scores.shape)} {scores.dtype}")
+    B, H, T = scores.shape
+    if group_size < 1 or H % group_size:
+        raise ValueError(f"select: group_size {group_size} must divide the {H} query heads")
+    if seq_lens.shape != (B,) or seq_lens.dtype != torch.int32:
+        raise ValueError(f"select: seq_lens must be ({B},) int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}")
+    if not alpha > 0:
+        raise ValueError(f"select: alpha must be > 0 (a logit margin, 4-5 typical; inf keeps all), got {alpha}")
+    if not budget >= 0:
+        raise ValueError(f"select: budget must be >= 0 (a share of the context, 0.2 typical), got {budget}")
+    if not 1 <= max_select <= 2**24:
+        raise ValueError(f"select: max_select must be in [1, 2^24], got {max_select}")
+    return B, H, T, H // group_size
+
+
+def _check_out(out_idx, out_count, B, Hkv, max_select, device):
+    if out_idx is None:
+        out_idx = torch.empty((B, Hkv, max_select), dtype=torch.int32, device=device)
+    elif out_idx.shape != (B, Hkv, max_select) or out_idx.dtype != torch.int32 or out_idx.stride(-1) != 1:
+        raise ValueError(f"select: out_idx must be ({B}, {Hkv}, {max_select}) int32 with stride(-1) 1, "
+                         f"got {tuple(out_idx.shape)} {out_idx.dtype} strides {out_idx.stride()}")
+    if out_count is None:
+        out_count = torch.empty((B, Hkv), dtype=torch.int32, device=device)
+    elif out_count.shape != (B, Hkv) or out_count.dtype != torch.int32 or out_count.stride(-1) != 1:
+        raise ValueError(f"select: out_count must be ({B}, {Hkv}) int32 with stride(-1) 1, "
+                         f"got {tuple(out_count.shape)} {out_count.dtype}")
+    return out_idx, out_count
+
+
+def select(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budget: float,
+           group_size: int, max_select: int, out_idx: torch.Tensor | None = None,
+           out_count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens to fetch per (sequence, kv head) from speculated logits scores (B, H, T) fp32:
+    returns idx (B, Hkv, max_select) int32 (ascending, zero-padded) and count (B, Hkv) int32.
+    Hkv = H // group_size. alpha, budget: Python floats; max_select: the idx buffer width.
+    No host syncs: capturable in a CUDA graph. seq_lens[b] > T is clamped to T.
+    """
+    # ---- check shapes and scalars (metadata only: no device reads)
+    B, H, T, Hkv = _check_args(scores, seq_lens, alpha, budget, group_size, max_select)
+    if scores.stride(-1) != 1:
+        raise ValueError("select: scores need a contiguous token dim (stride(-1) 1)")
+    # ---- allocate or take out=
+    out_idx, out_count = _check_out(out_idx, out_count, B, Hkv, max_select, scores.device)
+    if B == 0 or Hkv == 0:
+        return out_idx, out_count
+    # ---- launch: one program per (sequence, kv head)
+    block_g, block_t, num_warps = _launch_config(T, group_size)
+    _select_kernel[(B, Hkv)](
+        scores, seq_lens, out_idx, out_count,
+        T, max_select, _to_f32(-float(alpha)), _to_f32(min(float(budget), 2.0**31)),
+        scores.stride(0), scores.stride(1), out_idx.stride(0), out_idx.stride(1), out_count.stride(0),
+        GROUP=group_size, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_OUT=_BLOCK_OUT,
+        num_warps=num_warps,
+    )
+    return out_idx, out_count
+
+
+def select_ref(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budget: float,
+               group_size: int, max_select: int, out_idx: torch.Tensor | None = None,
+               out_count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch selection with the kernel's exact semantics (fp32 ns, fp32 cap product, ties
+    to the lower index), vectorized over (B, Hkv) with stable sorts: no host syncs. O(T log T)
+    per row and a few (B, H, T) temporaries: meant for the CPU path and for tests."""
+    B, H, T, Hkv = _check_args(scores, seq_lens, alpha, budget, group_size, max_select)
+    out_idx, out_count = _check_out(out_idx, out_count, B, Hkv, max_select, scores.device)
+    dev = scores.device
+    if T == 0:                                                               # nothing to select
+        return out_idx.zero_(), out_count.zero_()
+    neg_inf = float("-inf")
+    n = seq_lens.long().clamp(max=T)                                        # (B,)
+    t = torch.arange(T, device=dev)
+    valid = (t < n[:, None])[:, None, :]                                     # (B, 1, T)
+    # ---- normalized scores of the group: max over its heads of (s - m_h); -inf past n
+    s = torch.where(valid, scores.float(), neg_inf)                          # (B, H, T)
+    m = s.amax(-1, keepdim=True)                                             # (B, H, 1)
+    ns = (s - m).reshape(B, Hkv, group_size, T).amax(2)                      # (B, Hkv, T)
+    ns = torch.where(valid, ns, neg_inf)                                     # (B, Hkv, T)
+    # ---- candidates and the cap
+    cand = ns > _to_f32(-float(alpha))                                       # (B, Hkv, T)
+    # fp32 n times the fp32-rounded budget: one correctly rounded product, as in the kernel
+    cap = torch.ceil(n.float() * _to_f32(min(float(budget), 2.0**31)))     # (B,) fp32
+    cap = cap.clamp(min=1.0).clamp(max=float(max_select)).long()             # (B,)
+    # ---- rank of each token in the order (ns desc, t asc): a stable descending sort
+    order = torch.sort(ns, dim=-1, descending=True, stable=True).indices    # (B, Hkv, T)
+    rank = torch.empty_like(order).scatter_(-1, order, t.expand_as(order))   # (B, Hkv, T)
+    sel = cand & (rank < cap[:, None, None])                                 # (B, Hkv, T)
+    # ---- compact ascending: selected tokens first (stable keeps t order), zeros after count
+    count = sel.sum(-1)                                                      # (B, Hkv)
+    first = torch.sort((~sel).to(torch.uint8), dim=-1, stable=True).indices  # (B, Hkv, T)
+    w = min(T, max_select)
+    j = torch.arange(max_select, device=dev)
+    idx = torch.zeros((B, Hkv, max_select), dtype=torch.long, device=dev)
+    idx[..., :w] = first[..., :w]
+    idx = torch.where(j < count[..., None], idx, 0)
+    out_idx.copy_(idx)
+    out_count.copy_(count)
+    return out_idx, out_count

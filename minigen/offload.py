@@ -1,0 +1,183 @@
+"""KV in host memory: the pinned pool, and the `offload` policy that fetches every layer's whole
+KV to the GPU each decode step (what FlexGen and transformers' offloaded cache do), overlapped
+with compute. InfiniGen (minigen/infinigen.py) shares the pool and the prefill path.
+
+Pool layout (L, S, T, Hkv, D): one token of one slot is a contiguous row of Hkv*D elements, so a
+sequence's first n tokens of a layer are ONE contiguous block (one memcpy at full PCIe speed),
+and a single head's row (D elements) is reachable through strides for sparse gathers.
+
+Streams (CUDA). The engine's compute runs on the current ("main") stream; the copy stream
+moves pool -> GPU staging. Two staging buffers alternate by layer parity:
+    begin(step)      main records buf_free[0/1]; copy waits on them, fetches layers 0 and 1
+    attend(layer i)  main waits fetched[i]; attention reads staging[i % 2]; main appends the new
+                     token's K/V to the pool; main records buf_free[i % 2]; copy waits on it
+                     and fetches layer i + 2 into the same buffer
+so layer i+2's transfer overlaps layers i+1 and i+2's compute, and no device-wide sync happens.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import Ops
+from minigen.kv import KVPolicy
+
+
+class HostKVPool:
+    """K and V of `num_layers` layers, (L, S, T, Hkv, D), pinned when a GPU will read them."""
+
+    def __init__(self, num_layers: int, num_slots: int, capacity: int, num_kv_heads: int, head_dim: int,
+                 *, dtype: torch.dtype, pin: bool):
+        shape = (num_layers, num_slots, capacity, num_kv_heads, head_dim)
+        nbytes = 2 * torch.Size(shape).numel() * (torch.finfo(dtype).bits // 8)
+        try:
+            self.k = torch.empty(shape, dtype=dtype, pin_memory=pin)
+            self.v = torch.empty(shape, dtype=dtype, pin_memory=pin)
+        except (RuntimeError, MemoryError) as e:
+            self.k = self.v = None
+            raise MemoryError(
+                f"the {'pinned ' if pin else ''}host KV pool of {nbytes / 2**30:.1f} GiB ({num_slots} sequences x "
+                f"{capacity} tokens x {num_layers} layers) could not be allocated ({str(e).splitlines()[0]}); "
+                f"lower the batch or --max-seq-len") from None
+        self.nbytes = nbytes
+
+    def heads(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer views (S, Hkv, T, D) over the (S, T, Hkv, D) storage (strided, no copy)."""
+        return self.k[layer].permute(0, 2, 1, 3), self.v[layer].permute(0, 2, 1, 3)
+
+    def close(self) -> None:
+        self.k = self.v = None
+
+
+class PooledKV(KVPolicy):
+    """Shared machinery: the host pool, the copy stream, and prefill over fetched KV."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device | str, ops: Ops, sm_scale: float):
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device, self.ops, self.sm_scale = dtype, torch.device(device), ops, sm_scale
+        self.is_cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        self.pool: HostKVPool | None = None
+        self.pool_layers = num_layers     # subclasses may keep some layers elsewhere
+        self._capacity = 0
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def _alloc_pool(self, num_slots: int, max_seq_len: int) -> None:
+        self._capacity = max_seq_len
+        self.pool = HostKVPool(self.pool_layers, num_slots, max_seq_len, self.num_kv_heads, self.head_dim,
+                               dtype=self.dtype, pin=self.is_cuda)
+        # prefill staging: one layer of the batch, (S, T, Hkv, D), rows indexed by batch row
+        self.prefill_k = self.prefill_v = None
+        self._num_slots = num_slots
+
+    def _gpu(self, shape) -> torch.Tensor:
+        try:
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+        except torch.OutOfMemoryError:
+            raise torch.OutOfMemoryError(
+                f"GPU staging buffer {tuple(shape)} does not fit; lower the batch or --max-seq-len") from None
+
+    def prefill_attend(self, pool_layer: int, q, k, v) -> torch.Tensor:
+        """Prefill for a pooled layer: earlier tokens of each sequence come back from the pool, the
+        new ones are added, causal attention runs on the GPU, the new K/V go to the pool."""
+        meta, ops = self.meta, self.ops
+        if self.prefill_k is None:
+            self.prefill_k = self._gpu((self._num_slots, self._capacity, self.num_kv_heads, self.head_dim))
+            self.prefill_v = self._gpu(self.prefill_k.shape)
+        sk, sv = self.prefill_k, self.prefill_v                              # (S, T, Hkv, D)
+        for b, (slot, n0) in enumerate(zip(meta.host_slots, meta.host_start)):
+            if n0:   # a continued conversation: its cached tokens come back first
+                sk[b, :n0].copy_(self.pool.k[pool_layer, slot, :n0], non_blocking=True)
+                sv[b, :n0].copy_(self.pool.v[pool_layer, slot, :n0], non_blocking=True)
+        rows = torch.repeat_interleave(torch.arange(len(meta.host_new)), torch.tensor(meta.host_new)).to(q.device)
+        sk[rows, meta.positions] = k
+        sv[rows, meta.positions] = v
+        B = len(meta.host_new)
+        out = ops.prefill_attention(q, sk.permute(0, 2, 1, 3), sv.permute(0, 2, 1, 3), meta.cu_seqlens_q,
+                                    meta.start_pos, torch.arange(B, dtype=torch.int32, device=q.device),
+                                    self.sm_scale, meta.max_seqlen_q)
+        ops.append_kv(k, v, self.pool.k[pool_layer], self.pool.v[pool_layer], meta.token_slot, meta.positions)
+        return out
+
+    def close(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)   # no transfer may still read the pool
+        if self.pool is not None:
+            self.pool.close()
+        self.pool = None
+        self.prefill_k = self.prefill_v = None
+
+
+class OffloadKV(PooledKV):
+    """All K/V in the host pool; each decode step fetches every layer's whole KV."""
+
+    name = "offload"
+
+    def allocate(self, num_slots: int, max_seq_len: int) -> None:
+        self._alloc_pool(num_slots, max_seq_len)
+        shape = (2, num_slots, max_seq_len, self.num_kv_heads, self.head_dim)   # double buffer
+        self.stage_k, self.stage_v = self._gpu(shape), self._gpu(shape)
+        self.prefill_k, self.prefill_v = self.stage_k[0], self.stage_v[0]   # prefill reuses buffer 0
+        if self.is_cuda:
+            self.fetched = [torch.cuda.Event() for _ in range(self.num_layers)]
+            self.buf_free = [torch.cuda.Event(), torch.cuda.Event()]
+        self._rows_fetched = 0
+
+    def begin(self, meta) -> None:
+        self.meta = meta
+        if meta.is_prefill:
+            return
+        if self.is_cuda:
+            main = torch.cuda.current_stream(self.device)
+            for ev in self.buf_free:      # copy stream starts after everything main did so far
+                ev.record(main)
+        for layer in range(min(2, self.num_layers)):
+            self._fetch(layer)
+
+    def _fetch(self, layer: int) -> None:
+        """Pool -> staging[layer % 2] for every sequence's cached tokens (one block each)."""
+        meta, buf = self.meta, layer % 2
+        if self.is_cuda:
+            cs = self.copy_stream
+            cs.wait_event(self.buf_free[buf])    # copy waits: main is done reading this buffer
+            with torch.cuda.stream(cs):
+                self._copy_rows(layer, buf)
+            self.fetched[layer].record(cs)       # main waits on it in attend(layer)
+        else:
+            self._copy_rows(layer, buf)
+
+    def _copy_rows(self, layer: int, buf: int) -> None:
+        meta = self.meta
+        for b, (slot, n) in enumerate(zip(meta.host_slots, meta.host_start)):
+            if n:
+                self.stage_k[buf, b, :n].copy_(self.pool.k[layer, slot, :n], non_blocking=True)
+                self.stage_v[buf, b, :n].copy_(self.pool.v[layer, slot, :n], non_blocking=True)
+                self._rows_fetched += n
+
+    def attend(self, layer, q, k, v):
+        if self.meta.is_prefill:
+            return self.prefill_attend(layer, q, k, v)
+        meta, buf, B = self.meta, layer % 2, q.shape[0]
+        if self.is_cuda:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(self.fetched[layer])  # main waits: layer's KV is on the GPU
+        # attention over the fetched tokens [0, n-1) plus the current one
+        count = (meta.seq_lens - 1).to(torch.int32)[:, None].expand(B, self.num_kv_heads).contiguous()
+        out = self.ops.sparse_attention(q, self.stage_k[buf, :B].permute(0, 2, 1, 3),
+                                        self.stage_v[buf, :B].permute(0, 2, 1, 3), count, k, v, self.sm_scale)
+        self.ops.append_kv(k, v, self.pool.k[layer], self.pool.v[layer], meta.token_slot, meta.positions)
+        if self.is_cuda:
+            self.buf_free[buf].record(main)       # copy may now overwrite staging[buf]
+        if layer + 2 < self.num_layers:
+            self._fetch(layer + 2)
+        return out
+
+    def stats(self) -> dict:
+        return {"fetched_fraction": 1.0, "host_pool_gib": self.pool.nbytes / 2**30 if self.pool else 0.0}
+
+    def close(self) -> None:
+        super().close()
+        self.stage_k = self.stage_v = None
