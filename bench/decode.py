@@ -216,6 +216,36 @@ def time_minigen(model, *, policy: str, batch: int, context: int, steps: int, op
     return res
 
 
+def time_real_text(model, tokenizer, *, policy: str, batch: int, context: int, steps: int, text: str,
+                   opts: dict | None = None) -> dict:
+    """Real prefill of `batch` windows of `context` tokens of text, then `steps` greedy tokens
+    through the engine's own loop: tokens/s, the policy's fetched fraction, peak GPU memory."""
+    from minigen.engine import Engine
+    from minigen.sampler import SamplingParams
+    ids = tokenizer.encode(text)
+    if len(ids) < context:
+        raise ValueError(f"--text has {len(ids)} tokens, fewer than --context {context}")
+    stride = max(1, (len(ids) - context) // max(1, batch - 1))
+    torch.cuda.reset_peak_memory_stats()
+    eng = Engine(model, tokenizer, policy=policy, max_batch=batch, max_seq_len=context + steps + 1,
+                 max_prefill_tokens=16384, policy_opts=opts)
+    seqs = [eng.new_sequence(ids[(b * stride) % (len(ids) - context + 1):][:context]) for b in range(batch)]
+    t0 = time.perf_counter()
+    sp = SamplingParams(max_new_tokens=steps, temperature=0, ignore_eos=True)
+    first = None
+    for _ in eng.generate(seqs, sp):
+        if first is None:
+            torch.cuda.synchronize()
+            first = time.perf_counter()
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    res = dict(prefill_s=round(first - t0, 3), decode_tok_s=round(batch * (steps - 1) / (t1 - first), 1),
+               decode_ms_per_step=round((t1 - first) * 1000 / (steps - 1), 3),
+               peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), **eng.kv.stats())
+    eng.close()
+    return res
+
+
 # ---------------------------------------------------------------------------------------------
 # transformers baselines: the same shape through its own generate()
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--transformers", default="auto",
                    help="comma list of transformers baselines: dynamic,static,offloaded; 'none'; "
                         "'auto' = all three when transformers is importable")
+    p.add_argument("--text", default=None, help="with --model: prefill real text (windows of --context tokens) "
+                   "and time the engine's own generation loop instead of a random-filled cache")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -288,6 +320,20 @@ def main(argv=None) -> int:
     h2d = pinned_h2d_gbps()
     opts = {n: getattr(args, n) for n in ("alpha", "budget", "partial_ratio", "dense_layers")
             if getattr(args, n) is not None}
+    if args.text:
+        from minigen.llm import LLM
+        if not args.model:
+            raise SystemExit("error: --text needs --model (a real tokenizer)")
+        llm = LLM(None if args.model == "default" else args.model, device="cuda", dtype=dtype, policy=args.policy,
+                  policy_opts=opts, max_seq_len=args.context + args.steps + 1)
+        r = time_real_text(llm.model, llm.tokenizer, policy=args.policy, batch=args.batch, context=args.context,
+                           steps=args.steps, text=Path(args.text).read_text(errors="replace"),
+                           opts=llm.policy_opts)
+        out = dict(bench="decode-real-text", model=args.model, text=args.text, policy=args.policy, batch=args.batch,
+                   context=args.context, steps=args.steps, dtype=args.dtype, gpu=torch.cuda.get_device_name(),
+                   policy_opts={k: (str(v) if v == float("inf") else v) for k, v in opts.items()}, minigen=r)
+        print(json.dumps(out))
+        return 0
     if args.shape:
         model, hf_cfg = random_model(args.shape, dtype, args.context + args.steps + 8)
         name = args.shape

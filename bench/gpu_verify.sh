@@ -1,26 +1,46 @@
 #!/usr/bin/env bash
-# The GPU verification run for the dense runtime (on the device machine, after stage_model.sh join):
-#   bench/gpu_verify.sh tests|default|7b-b1|7b-b8   (results land in $OUT, one JSON/log per step)
+# GPU verification runs (on the device machine). Each step appends its benchmark JSON lines to
+# $OUT/<step>.jsonl; the default model must be staged first (bench/stage_model.sh put/join).
+#   bench/gpu_verify.sh tests | dense | 7b-offload | 7b-infinigen | 7b-32k | 7b-b8 | real | soak
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
 STAGE=${STAGE:-/tmp/minigen-stage}
 export MINIGEN_DEFAULT_MODEL=${MINIGEN_DEFAULT_MODEL:-$STAGE/SmolLM2-135M-Instruct.Q4_1.gguf}
-case "${1:-}" in
+D="python3 bench/decode.py"
+step=${1:-}; log="$OUT/$step.jsonl"
+case "$step" in
   tests)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-    python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
-    python3 -m minigen.chat --prompt "What is the capital of France?" --temperature 0 --stats \
-      --device cuda 2>&1 | tee "$OUT/chat_cuda.log" ;;
-  default)
-    for b in 1 8; do
-      python3 bench/decode.py --model default --batch $b --context 8000 --steps 128 --dtype bfloat16 \
-        | tee -a "$OUT/decode_smollm2.jsonl"
+    python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+  dense)
+    $D --shape llama2-7b --batch 1 --context 8192 --steps 64 | tee -a "$log"
+    $D --shape llama2-7b --batch 8 --context 8192 --steps 32 --transformers dynamic,static | tee -a "$log" ;;
+  7b-offload)   # everything over PCIe each step, transformers' offloaded cache side by side
+    $D --shape llama2-7b --policy offload --batch 1 --context 8192 --steps 16 | tee -a "$log" ;;
+  7b-infinigen) # fixed fetch fractions (threshold off), then the default threshold on random weights
+    for b in 0.02 0.05 0.1; do
+      $D --shape llama2-7b --policy infinigen --alpha inf --budget $b --batch 1 --context 8192 --steps 32 --transformers none | tee -a "$log"
+    done
+    $D --shape llama2-7b --policy infinigen --batch 1 --context 8192 --steps 32 --transformers none | tee -a "$log" ;;
+  7b-32k)
+    $D --shape llama2-7b --policy offload --batch 1 --context 32000 --steps 8 | tee -a "$log"
+    for b in 0.02 0.1; do
+      $D --shape llama2-7b --policy infinigen --alpha inf --budget $b --batch 1 --context 32000 --steps 16 --transformers none | tee -a "$log"
     done ;;
-  7b-b1)
-    python3 bench/decode.py --shape llama2-7b --batch 1 --context 8192 --steps 64 | tee "$OUT/decode_llama2-7b_b1.jsonl" ;;
   7b-b8)
-    python3 bench/decode.py --shape llama2-7b --batch 8 --context 8192 --steps 32 \
-      --transformers dynamic,static | tee "$OUT/decode_llama2-7b_b8.jsonl" ;;
-  *) echo "usage: $0 tests|default|7b-b1|7b-b8" >&2; exit 2 ;;
+    $D --shape llama2-7b --policy offload --batch 8 --context 8192 --steps 8 --transformers none | tee -a "$log"
+    $D --shape llama2-7b --policy infinigen --alpha inf --budget 0.1 --batch 8 --context 8192 --steps 16 --transformers none | tee -a "$log" ;;
+  real)         # the default model on real text: essays, 8K context
+    cat data/essays/*.txt > /tmp/essays.txt
+    for p in dense offload infinigen; do
+      $D --model default --text /tmp/essays.txt --policy $p --batch 32 --context 8000 --steps 64 --dtype bfloat16 | tee -a "$log"
+    done
+    for p in dense infinigen; do
+      python3 -m minigen.eval ppl --text /tmp/essays.txt --context 8000 --mode decode --prefix 4000 --policy $p \
+        --device cuda --json | tail -1 | tee -a "$OUT/ppl.jsonl"
+    done ;;
+  soak)
+    cat data/essays/*.txt > /tmp/essays.txt
+    python3 bench/soak.py --policy infinigen --batch 8 --new-tokens 4096 --text /tmp/essays.txt | tee -a "$log" ;;
+  *) echo "usage: $0 tests|dense|7b-offload|7b-infinigen|7b-32k|7b-b8|real|soak" >&2; exit 2 ;;
 esac

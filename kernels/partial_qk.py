@@ -68,7 +68,7 @@ def _partial_qk_kernel(
         # ---- load this kv head's partial-key tile once, fp32. Rows t >= n are masked (read as
         # 0, no traffic): the cache past seq_lens is garbage (maybe NaN) and would poison the sums.
         slot = tl.load(SlotIdx + b).to(tl.int64)
-        t_valid = offs_t < n
+        t_valid = (offs_t < n) & t_store            # & t_store: a bad seq_lens > Tcap reads nothing
         k_ptrs = (PK + slot * stride_ks + kv_head * stride_kh
                   + offs_t[:, None] * stride_kt + offs_r[None, :])
         k = tl.load(k_ptrs, mask=t_valid[:, None] & r_mask[None, :], other=0.0).to(tl.float32)

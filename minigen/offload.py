@@ -109,6 +109,8 @@ class PooledKV(KVPolicy):
             self.pool.close()
         self.pool = None
         self.prefill_k = self.prefill_v = None
+        if self.is_cuda and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()   # pinned blocks go back to the OS, not to torch's cache
 
 
 class OffloadKV(PooledKV):
