@@ -35,6 +35,7 @@ DEFAULT_ALPHA = {"llama": 5.0, "opt": 4.0}   # the artifact's thresholds
 
 class InfiniGenKV(PooledKV):
     name = "infinigen"
+    graph_safe = True     # the decode step reads only device tensors: capturable, streams and all
     skip_gather = False   # benchmarks set it to time a step without the PCIe gather (compute alone)
 
     def __init__(self, model, *, dtype, device, ops, alpha: float | None = None, budget: float = 0.2,
@@ -65,8 +66,9 @@ class InfiniGenKV(PooledKV):
             self.skew = eye.expand(cfg.num_layers, Hkv, D, D)
         else:
             self.skew = skew.matrices.to(self.device, torch.float32)        # (L, Hkv, D, D)
-        self._num_fetched = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._num_candidates = 0
+        self._num_fetched = torch.zeros((), dtype=torch.int64, device=self.device)     # rows gathered
+        self._num_candidates = torch.zeros((), dtype=torch.int64, device=self.device)  # rows cached
+        self._h_keep: dict[int, torch.Tensor] = {}
 
     # -- allocation -----------------------------------------------------------------------------
     def allocate(self, num_slots: int, max_seq_len: int) -> None:
@@ -100,7 +102,9 @@ class InfiniGenKV(PooledKV):
         main = torch.cuda.current_stream(self.device)
         self.h_ready[nxt].record(main)            # side waits: h and the previous step's writes
         self.side.wait_event(self.h_ready[nxt])
-        h.record_stream(self.side)                # h's memory stays live until side is done
+        # h was allocated on main: hold a reference so its memory cannot be reused while the side
+        # stream reads it (works under CUDA-graph capture too, where record_stream does not)
+        self._h_keep[nxt] = h
         with torch.cuda.stream(self.side):
             self._speculate(nxt, h)
         self.ready[nxt].record(self.side)         # main waits on it in attend(nxt)
@@ -119,6 +123,7 @@ class InfiniGenKV(PooledKV):
             kp, vp = self.pool.heads(j)                                        # (S, Hkv, T, D) views
             ops.gather_kv(kp, vp, idx, count, meta.slot_idx, out_k=self.sel_k[buf, :B], out_v=self.sel_v[buf, :B])
         self._num_fetched += count.sum()
+        self._num_candidates += n_prev.sum() * self.num_kv_heads
 
     # -- attention ------------------------------------------------------------------------------
     def attend(self, layer, q, k, v):
@@ -137,7 +142,6 @@ class InfiniGenKV(PooledKV):
         out = self.ops.sparse_attention(q, self.sel_k[buf, :B], self.sel_v[buf, :B], self.count[buf, :B],
                                         k, v, self.sm_scale)
         self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], meta.token_slot, meta.positions)
-        self._num_candidates += sum(meta.host_start) * self.num_kv_heads
         return out
 
     def _prefill_partial_keys(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -177,8 +181,8 @@ class InfiniGenKV(PooledKV):
         return 2 * rows * self.head_dim * (torch.finfo(self.dtype).bits // 8)
 
     def stats(self) -> dict:
-        fetched = int(self._num_fetched.item()) if self._num_candidates else 0   # read after the run
-        return {"fetched_fraction": fetched / self._num_candidates if self._num_candidates else 0.0,
+        total = int(self._num_candidates.item())       # read after the run, never inside a step
+        return {"fetched_fraction": int(self._num_fetched.item()) / total if total else 0.0,
                 "host_pool_gib": self.pool.nbytes / 2**30 if self.pool else 0.0}
 
     def close(self) -> None:
