@@ -3,7 +3,7 @@ next layer will attend to are fetched (Lee et al., OSDI 2024).
 
 Per layer i >= dense_layers ("pooled" layers), per decode step:
     speculate   at layer i-1 (pre_attention hook), on the side stream:
-                  q~   = skew(RoPE(h_{i-1} W_q^(i)))[:, sel]            (B, H, R)  partial queries
+                  q~   = skew(RoPE(h_{i-1} W_q^(i)))[:, sel] / sqrt(D)  (B, H, R)  partial queries
                   s    = q~ . pk_i                                      (B, H, T)  partial_qk kernel
                   idx  = {t : max over the KV head's group of s - rowmax > -alpha}, at most
                          ceil(budget * n) per (sequence, KV head)       select kernel
@@ -114,7 +114,8 @@ class InfiniGenKV(PooledKV):
         B, G, R = h.shape[0], self.group, self.R
         q = self.project_q(i, h, meta.positions)                               # (B, H, D) post-RoPE
         a = self.a_sel[j, meta.token_slot]                                     # (B, Hkv, D, R)
-        pq = torch.einsum("bgjd,bgdr->bgjr", q.view(B, self.num_kv_heads, G, -1), a).reshape(B, -1, R)
+        # scaled like the real attention logits, so alpha is a gap in logit units (as in the paper)
+        pq = torch.einsum("bgjd,bgdr->bgjr", q.view(B, self.num_kv_heads, G, -1), a).reshape(B, -1, R) * self.sm_scale
         n_prev = meta.seq_lens - 1                                             # cached tokens
         scores = ops.partial_qk(pq, self.pk[j], n_prev, meta.slot_idx)         # (B, H, T) fp32
         idx, count = ops.select(scores, n_prev, self.alpha, self.budget, G, self.max_select,
