@@ -58,34 +58,39 @@ def _gather_kv_kernel(
     pid = tl.program_id(0).to(tl.int64)
     b = pid // num_kv_heads
     g = pid % num_kv_heads
-    j0 = tl.program_id(1) * BLOCK_J
+    blk0 = tl.program_id(1)
+    num_blk_progs = tl.num_programs(1)
 
     # ---- how many rows this head selected; clamped to the buffer so a bad count cannot write
-    # out of bounds. Blocks at or past it have nothing to copy (the grid is sized for the cap).
+    # out of bounds. The program walks blocks blk0, blk0 + P, ... below it (P = grid dim 1):
+    # a small, persistent grid leaves most SMs to the compute stream it overlaps with.
     n_sel = tl.minimum(tl.load(Count + b * stride_cb + g * stride_ch), max_select)
-    if j0 >= n_sel:
-        return
-
-    # ---- the block's token indices (never read past count: entries there may be stale)
-    offs_j = j0 + tl.arange(0, BLOCK_J)
-    offs_d = tl.arange(0, BLOCK_D)
-    j_mask = offs_j < n_sel
-    tok = tl.load(Idx + b * stride_ib + g * stride_ih + offs_j, mask=j_mask, other=0).to(tl.int64)
     slot = tl.load(SlotIdx + b).to(tl.int64)
-    mask = j_mask[:, None] & (offs_d[None, :] < HEAD_DIM)                   # (BLOCK_J, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
+    for j0 in range(blk0 * BLOCK_J, n_sel, num_blk_progs * BLOCK_J):
+        # ---- the block's token indices (never read past count: entries there may be stale)
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        j_mask = offs_j < n_sel
+        tok = tl.load(Idx + b * stride_ib + g * stride_ih + offs_j, mask=j_mask, other=0).to(tl.int64)
+        mask = j_mask[:, None] & (offs_d[None, :] < HEAD_DIM)               # (BLOCK_J, BLOCK_D)
 
-    # ---- issue every K and V row load of the block before any store: 2 * BLOCK_J independent
-    # contiguous rows in flight per program (the PCIe round trip is ~1-2 us; only many
-    # outstanding requests hide it). Masked rows issue no request at all.
-    k_src = K_pool + slot * stride_kps + g * stride_kph + tok[:, None] * stride_kpt + offs_d[None, :]
-    v_src = V_pool + slot * stride_vps + g * stride_vph + tok[:, None] * stride_vpt + offs_d[None, :]
-    k = tl.load(k_src, mask=mask)
-    v = tl.load(v_src, mask=mask)
+        # ---- issue every K and V row load of the block before any store: 2 * BLOCK_J independent
+        # contiguous rows in flight per program (the PCIe round trip is ~1-2 us; only many
+        # outstanding requests hide it). Masked rows issue no request at all.
+        k_src = K_pool + slot * stride_kps + g * stride_kph + tok[:, None] * stride_kpt + offs_d[None, :]
+        v_src = V_pool + slot * stride_vps + g * stride_vph + tok[:, None] * stride_vpt + offs_d[None, :]
+        k = tl.load(k_src, mask=mask)
+        v = tl.load(v_src, mask=mask)
 
-    # ---- write the rows to the dense (B, Hkv, max_select, D) buffers in HBM, unchanged bits
-    rows = offs_j.to(tl.int64)[:, None]
-    tl.store(Out_k + b * stride_okb + g * stride_okh + rows * stride_okj + offs_d[None, :], k, mask=mask)
-    tl.store(Out_v + b * stride_ovb + g * stride_ovh + rows * stride_ovj + offs_d[None, :], v, mask=mask)
+        # ---- write the rows to the dense (B, Hkv, max_select, D) buffers in HBM, unchanged bits
+        rows = offs_j.to(tl.int64)[:, None]
+        tl.store(Out_k + b * stride_okb + g * stride_okh + rows * stride_okj + offs_d[None, :], k, mask=mask)
+        tl.store(Out_v + b * stride_ovb + g * stride_ovh + rows * stride_ovj + offs_d[None, :], v, mask=mask)
+
+
+# Programs in flight for one gather: 64 x 2 x ~8 KiB = ~1 MiB of outstanding PCIe reads, ten times
+# the latency-bandwidth product, while leaving the SMs to the overlapped compute stream.
+MAX_PROGRAMS = 64
 
 
 def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
@@ -157,7 +162,9 @@ def gather_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, idx: torch.Tensor, cou
         return out_k, out_v
     # ---- launch: (sequence x kv head, blocks of selected rows)
     cfg = _launch_config(D, k_pool.dtype)
-    grid = (B * Hkv, triton.cdiv(N, cfg["BLOCK_J"]))
+    # block programs per head: enough for ~MAX_PROGRAMS in all (bytes in flight for PCIe), no more
+    per_head = max(1, min(triton.cdiv(N, cfg["BLOCK_J"]), triton.cdiv(MAX_PROGRAMS, B * Hkv)))
+    grid = (B * Hkv, per_head)
     _gather_kv_kernel[grid](
         k_pool, v_pool, idx, count, slot_idx, out_k, out_v,
         Hkv, N,

@@ -86,12 +86,14 @@ def small_blocks(monkeypatch):
 
 
 # ---------------------------------------------------------------- kernel vs reference vs loop
-@pytest.mark.parametrize("blocks", ["default", "4"])
+@pytest.mark.parametrize("blocks", ["default", "4", "4-persistent"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_gather_matches_ref_bit_exact(case, dtype, blocks, monkeypatch):
-    if blocks == "4":
+    if blocks != "default":
         small_blocks(monkeypatch)
+    if blocks == "4-persistent":   # one block program per head: it must walk every block
+        monkeypatch.setattr(mod, "MAX_PROGRAMS", 1)
     args = make_inputs(case, dtype)
     B, Hkv, D, S, Tcap, N = case
     out_k, out_v = poison((B, Hkv, N, D), dtype), poison((B, Hkv, N, D), dtype)
