@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -193,6 +192,13 @@ def time_minigen(model, *, policy: str, batch: int, context: int, steps: int, op
         res["fetched_fraction"] = kv.stats()["fetched_fraction"]
         res["transfer_ms"] = cuda_ms(lambda: kv.gather_all(), steps)
         res["transfer_bytes"] = kv.gather_bytes()
+        # the speculation alone (q projection, partial_qk, select), which shares the side
+        # stream with the gather: side-stream time per step = speculate + transfer
+        h = torch.randn(batch, cfg.dim, dtype=model.lm_head.weight.dtype, device="cuda")
+        kv.skip_gather = True
+        res["speculate_ms"] = cuda_ms(lambda: [kv._speculate(i, h) for i in range(kv.dense_layers, cfg.num_layers)],
+                                      steps)
+        kv.skip_gather = False
         kv.skip_gather = True           # a step without the gather: recapture, time, recapture
         eng._graphs.clear()
         g = eng._decode_graph(seqs)
@@ -370,6 +376,7 @@ def main(argv=None) -> int:
     if args.policy == "infinigen":
         m.update(fetched_fraction=round(r["fetched_fraction"], 4), compute_ms=round(r["compute_ms"], 3),
                  transfer_ms=round(r["transfer_ms"], 3), transfer_gb=round(r["transfer_bytes"] / 1e9, 3),
+                 speculate_ms=round(r["speculate_ms"], 3),
                  transfer_gbps=round(r["transfer_bytes"] / r["transfer_ms"] / 1e6, 1),
                  x_max_parts=round(r["step_ms"] / max(r["compute_ms"], r["transfer_ms"]), 3))
     del model
@@ -404,7 +411,8 @@ def main(argv=None) -> int:
             print(f"  PCIe floor {m['pcie_floor_ms']:.2f} ms at {h2d:.1f} GB/s pinned H2D: x{m['x_pcie_floor']:.2f}")
         if "transfer_ms" in m:
             print(f"  fetched {m['fetched_fraction']:.1%}: compute alone {m['compute_ms']:.2f} ms, transfer alone "
-                  f"{m['transfer_ms']:.2f} ms ({m['transfer_gbps']:.1f} GB/s), step / max(parts) x{m['x_max_parts']:.2f}")
+                  f"{m['transfer_ms']:.2f} ms ({m['transfer_gbps']:.1f} GB/s), speculation alone {m['speculate_ms']:.2f} ms, "
+                  f"step / max(parts) x{m['x_max_parts']:.2f}")
         for mode in modes:
             t = out[f"transformers_{mode}"]
             print(f"  transformers {mode}: " + (f"{t['step_ms']:.2f} ms/step" if "step_ms" in t else t["error"]))

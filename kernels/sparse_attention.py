@@ -36,11 +36,12 @@ Example: B=8, Hkv=32, D=128, fp16, every head at max_select=3277: 429.5 MB of K+
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.decode_attention import _decode_attention_reduce_kernel, _num_sms  # same split reduce
 
 _LOG2E = 1.4426950408889634
 
@@ -136,47 +137,6 @@ def _sparse_attention_kernel(
         tl.store(PartSum + part, l_i, mask=g_mask)
 
 
-@triton.jit
-def _sparse_attention_reduce_kernel(
-    # pointers
-    PartAcc, PartMax, PartSum, Out,
-    # sizes
-    num_splits,
-    # strides
-    stride_ob, stride_oh,
-    # constexprs
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # ---- which (sequence, query head)
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    row = b * tl.num_programs(1) + h
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    d_mask = offs_d < HEAD_DIM
-
-    # ---- every split's partial of this head: (BLOCK_S,) maxima and sums, (BLOCK_S, BLOCK_D) acc
-    part = row * num_splits + offs_s
-    m = tl.load(PartMax + part, mask=s_mask, other=float("-inf"))
-    l = tl.load(PartSum + part, mask=s_mask, other=0.0)
-    acc = tl.load(PartAcc + part[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-
-    # ---- rescale to the global max (finite: split 0 holds the current token) and normalize;
-    # empty splits (m = -inf, l = 0, acc = 0) weigh 2^-inf = 0
-    w = tl.math.exp2(m - tl.max(m, axis=0))
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_mask)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132   # interpreter: pretend to be an H100 so tests exercise the same heuristic
-
-
 def _launch_config(head_dim: int, group: int, dtype: torch.dtype) -> dict:
     """Kernel 1's tiles, as in decode_attention (measured there on an H100): BLOCK_N x BLOCK_D
     = 16 KB per K or V tile at D=128 fp16/bf16, 3 stages; fp32 (tests) halves BLOCK_N."""
@@ -269,7 +229,7 @@ def sparse_attention(q: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor, 
     )
     # ---- launch kernel 2: combine the splits, (sequences, query heads)
     if num_splits > 1:
-        _sparse_attention_reduce_kernel[(B, H)](
+        _decode_attention_reduce_kernel[(B, H)](
             part_acc, part_max, part_sum, out,
             num_splits,
             out.stride(0), out.stride(1),

@@ -141,7 +141,7 @@ class OffloadKV(PooledKV):
 
     def _fetch(self, layer: int) -> None:
         """Pool -> staging[layer % 2] for every sequence's cached tokens (one block each)."""
-        meta, buf = self.meta, layer % 2
+        buf = layer % 2
         if self.is_cuda:
             cs = self.copy_stream
             cs.wait_event(self.buf_free[buf])    # copy waits: main is done reading this buffer
