@@ -49,11 +49,12 @@ class GenStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_s: float = 0.0     # time to first token
-    decode_s: float = 0.0
+    decode_s: float = 0.0      # the decode steps after the first token (graph capture excluded)
+    decode_tokens: int = 0
 
     @property
     def decode_tok_s(self) -> float:
-        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
 def make_policy(name: str, model, *, device, dtype, **opts) -> KVPolicy:
@@ -274,12 +275,12 @@ class Engine:
             ids = next_tok.tolist()          # sync: sampled tokens to the host (stream + stop checks)
             if g is None:
                 st.prefill_s = time.perf_counter() - t0
-                t1 = time.perf_counter()
             yield [(s, self._accept(s, t, sp, eos)) for s, t in zip(seqs, ids) if not s.finished]
             if all(s.finished for s in seqs):
                 break
             if g is None:
-                g = self._decode_graph(seqs)
+                g = self._decode_graph(seqs)     # first decode: CUDA-graph capture, not timed
+                t1 = time.perf_counter()
             g.tokens.copy_(next_tok)
             logits = self.decode_step(g)
             for s, t in zip(seqs, ids):
@@ -287,6 +288,7 @@ class Engine:
                     s.cached_ids.append(t)
             next_tok = sample_no_sync(logits, sp, gen)
         st.new_tokens = sum(len(s.output_ids) for s in seqs)
+        st.decode_tokens = max(0, st.new_tokens - len(seqs))   # the first token of each came from prefill
         st.decode_s = time.perf_counter() - t1 if g is not None else 0.0
 
     def _accept(self, s: Sequence, tok: int, sp: SamplingParams, eos: set[int]) -> str:
