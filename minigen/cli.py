@@ -22,7 +22,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", type=float, default=None, help="at most this fraction of the context per KV head (default 0.2)")
     g.add_argument("--partial-ratio", type=float, default=None, help="skewed columns kept per head, as a fraction of D (default 0.2)")
     g.add_argument("--dense-layers", type=int, default=None, help="first layers kept dense on the GPU (default 2)")
-    g.add_argument("--cpu-kv-limit", default=None, help="host KV pool limit in bytes or as a fraction (not implemented yet)")
+    g.add_argument("--cpu-kv-limit", default=None,
+                   help="host KV pool limit: bytes (e.g. 2000000000 or 2G) or a fraction in (0, 1] of the full pool "
+                        "(e.g. 0.8); when full, the least-selected token outside the last 64 is overwritten")
     g.add_argument("--skew", default=None, help="skew artifact (.pt) from `python -m minigen.skew` (default: cached per model, computed on first use)")
 
 
@@ -31,8 +33,8 @@ def policy_opts(args) -> dict:
     names = ("alpha", "budget", "partial_ratio", "dense_layers")
     opts = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "cpu_kv_limit", None) is not None:
-        raise NotImplementedError("--cpu-kv-limit (host pool limit with counter-based eviction) is not "
-                                  "implemented yet: the pool holds every token")
+        from minigen.infinigen import parse_cpu_kv_limit
+        opts["cpu_kv_limit"] = parse_cpu_kv_limit(args.cpu_kv_limit)
     if opts and args.policy != "infinigen":
         flags = ", ".join("--" + n.replace("_", "-") for n in opts)
         raise ValueError(f"{flags} only apply to --policy infinigen (got --policy {args.policy})")

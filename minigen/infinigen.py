@@ -20,6 +20,19 @@ folded into W_q/W_k, so the columns are read off directly (identity here).
 
 GPU state per pooled layer: pk (S, Hkv, T, R) partial keys, a_sel (S, Hkv, D, R) the skew's
 selected columns, plus double-buffered idx/count/K/V for the gathered rows.
+
+Host-memory limit (cpu_kv_limit, paper section 5). The pooled layers' pool and pk then hold
+P < T ROWS per (layer, slot) and are indexed by row, not by position. Until a sequence has P
+cached tokens, row = position. After that each decode step's token overwrites a victim row, chosen
+per (pooled layer, sequence) on the device:
+    eligible  rows whose token is older than the last W cached tokens (evict_window)
+    counter   (default) the eligible row selected least often (counter: +1 per KV head that
+              selected it, every step), ties -> the oldest token;   fifo: the oldest token
+GPU state for it: counter (Lp, S, P) int32 and row_pos (Lp, S, P) int64 (the position held in
+each row; -1 = empty). A row always holds exactly one live token, so only live tokens are ever
+evicted. Speculation scores rows [0, min(n - 1, P)), all live. A prompt longer than P keeps its
+first P - W and last W tokens (attention sinks and the recent window); prefill attention itself
+still sees the whole prompt.
 """
 from __future__ import annotations
 
@@ -31,6 +44,38 @@ from minigen.kv import DenseKV
 from minigen.offload import PooledKV
 
 DEFAULT_ALPHA = {"llama": 5.0, "opt": 4.0}   # the artifact's thresholds
+EVICT_POLICIES = ("counter", "fifo")
+_SUFFIX = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_cpu_kv_limit(text) -> int | float:
+    """`--cpu-kv-limit`: bytes as an int (suffixes K/M/G/T, powers of 1024, e.g. "2G") or a
+    fraction of the full pool in (0, 1] (a number with a decimal point, e.g. "0.5")."""
+    if isinstance(text, bool):
+        raise ValueError(f"--cpu-kv-limit must be bytes or a fraction in (0, 1], got {text!r}")
+    if isinstance(text, (int, float)):
+        value = text
+    else:
+        t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+        mult = _SUFFIX.get(t[-1:], 1)
+        num = t[:-1] if mult > 1 else t
+        try:
+            value = int(num) * mult
+        except ValueError:
+            try:
+                value = float(num) * mult if mult > 1 else float(num)
+            except ValueError:
+                raise ValueError(f"--cpu-kv-limit must be bytes (e.g. 2000000000 or 2G) or a fraction in "
+                                 f"(0, 1] (e.g. 0.5), got {text!r}") from None
+            if mult > 1:
+                value = int(value)
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"--cpu-kv-limit in bytes must be > 0, got {text!r}")
+    elif not 0.0 < value <= 1.0:
+        raise ValueError(f"--cpu-kv-limit as a fraction of the pool must be in (0, 1], got {text!r} "
+                         f"(give bytes as a whole number, e.g. 2000000000 or 2G)")
+    return value
 
 
 class InfiniGenKV(PooledKV):
@@ -39,7 +84,8 @@ class InfiniGenKV(PooledKV):
     skip_gather = False   # benchmarks set it to time a step without the PCIe gather (compute alone)
 
     def __init__(self, model, *, dtype, device, ops, alpha: float | None = None, budget: float = 0.2,
-                 partial_ratio: float = 0.2, dense_layers: int = 2, skew=None):
+                 partial_ratio: float = 0.2, dense_layers: int = 2, skew=None,
+                 cpu_kv_limit: int | float | str | None = None, evict: str = "counter", evict_window: int = 64):
         cfg = model.config
         super().__init__(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device,
                          ops=ops, sm_scale=model.sm_scale)
@@ -54,6 +100,17 @@ class InfiniGenKV(PooledKV):
         if not self.alpha > 0:
             raise ValueError(f"--alpha must be > 0, got {self.alpha}")
         self.budget, self.dense_layers = budget, dense_layers
+        self.cpu_kv_limit = None if cpu_kv_limit is None else parse_cpu_kv_limit(cpu_kv_limit)
+        if evict not in EVICT_POLICIES:
+            raise ValueError(f"evict must be one of {', '.join(EVICT_POLICIES)}, got {evict!r}")
+        if isinstance(evict_window, bool) or not isinstance(evict_window, int) or evict_window < 0:
+            raise ValueError(f"evict_window must be an int >= 0, got {evict_window!r}")
+        self.evict, self.evict_window = evict, evict_window
+        if self.cpu_kv_limit is not None:
+            # the engine's CUDA-graph capture runs two warm-up decode steps; with a limit their
+            # evictions would drop live tokens, so a limited pool runs its steps uncaptured
+            self.graph_safe = False
+        self.limited = False    # set by allocate: a limit below the slot capacity
         self.R = max(1, int(cfg.head_dim * partial_ratio))
         self.group = cfg.group_size
         self.project_q = model.project_q
@@ -73,11 +130,17 @@ class InfiniGenKV(PooledKV):
     # -- allocation -----------------------------------------------------------------------------
     def allocate(self, num_slots: int, max_seq_len: int) -> None:
         self.dense.allocate(num_slots, max_seq_len)
-        self._alloc_pool(num_slots, max_seq_len)
+        P = self._pool_rows(num_slots, max_seq_len)
+        self.limited, self.rows = P < max_seq_len, P
+        self._alloc_pool(num_slots, P)
+        self._capacity = max_seq_len       # tokens a sequence may reach (the pool keeps P of them)
         Lp, S, Hkv, D, R, dev = self.pool_layers, num_slots, self.num_kv_heads, self.head_dim, self.R, self.device
-        self.pk = self._gpu((Lp, S, Hkv, max_seq_len, R))                     # partial key cache
+        self.pk = self._gpu((Lp, S, Hkv, P, R))                               # partial key cache, by row
         self.a_sel = self._gpu((Lp, S, Hkv, D, R))                             # skew columns in use
-        self.max_select = max(1, min(max_seq_len, math.ceil(self.budget * max_seq_len)))
+        self.max_select = max(1, min(P, math.ceil(self.budget * P)))
+        if self.limited:
+            self.counter = torch.zeros((Lp, S, P), dtype=torch.int32, device=dev)      # selections per row
+            self.row_pos = torch.full((Lp, S, P), -1, dtype=torch.int64, device=dev)   # position held; -1 empty
         self.sel_k = self._gpu((2, S, Hkv, self.max_select, D))               # gathered rows, by parity
         self.sel_v = self._gpu((2, S, Hkv, self.max_select, D))
         self.idx = torch.zeros((2, S, Hkv, self.max_select), dtype=torch.int32, device=dev)
@@ -87,9 +150,51 @@ class InfiniGenKV(PooledKV):
             self.h_ready = [torch.cuda.Event() for _ in range(self.num_layers)]
             self.ready = [torch.cuda.Event() for _ in range(self.num_layers)]
 
+    def _pool_rows(self, num_slots: int, max_seq_len: int) -> int:
+        """Rows P per (pooled layer, slot) under cpu_kv_limit (max_seq_len without one)."""
+        lim, W = self.cpu_kv_limit, self.evict_window
+        if lim is None:
+            return max_seq_len
+        if isinstance(lim, float):
+            P, what = math.floor(lim * max_seq_len), f"{lim} of {max_seq_len} tokens"
+        else:   # bytes: K and V of one token of one slot over the pooled layers, times the slots
+            row = 2 * self.pool_layers * self.num_kv_heads * self.head_dim * (torch.finfo(self.dtype).bits // 8)
+            P, what = lim // (row * num_slots), f"{lim} bytes / ({row} bytes per token x {num_slots} sequences)"
+        if P < W + 1:
+            raise ValueError(f"--cpu-kv-limit leaves {P} host KV tokens per sequence ({what}), fewer than the "
+                             f"eviction window + 1 = {W + 1}: raise --cpu-kv-limit (or lower evict_window)")
+        return min(P, max_seq_len)
+
     def begin(self, meta) -> None:
         self.meta = meta
         self.dense.begin(meta)
+        if meta.is_prefill and self.limited:
+            self._plan = self._prefill_plan(meta)
+
+    def _prefill_plan(self, meta):
+        """Which new tokens a limited pool keeps, and in which rows (host lengths only): all of
+        them at row = position while the sequence fits in P rows; a new prompt longer than P keeps
+        its first P - W and last W tokens in rows 0..P-1."""
+        P, W = self.rows, self.evict_window
+        tok, slot, row, new_slots, start = [], [], [], [], 0
+        for s, n0, n in zip(meta.host_slots, meta.host_start, meta.host_new):
+            if n0 + n <= P:
+                keep, rows = range(n), range(n0, n0 + n)
+            elif n0:
+                raise NotImplementedError(
+                    f"a continued prefill (chat turn, or a prompt longer than the prefill chunk) to {n0 + n} tokens "
+                    f"past the host KV limit of {P} tokens per sequence is not supported: raise --cpu-kv-limit")
+            else:
+                keep, rows = [*range(P - W), *range(n - W, n)], range(P)
+            if n0 == 0:
+                new_slots.append(s)
+            tok += [start + t for t in keep]
+            slot += [s] * len(rows)
+            row += rows
+            start += n
+        dev, i64 = self.device, torch.int64
+        return dict(tok=torch.tensor(tok, dtype=i64).to(dev), slot=torch.tensor(slot, dtype=i64).to(dev),
+                    row=torch.tensor(row, dtype=i64).to(dev), new_slots=torch.tensor(new_slots, dtype=i64).to(dev))
 
     # -- speculation: runs at layer i-1 for layer i ----------------------------------------------
     def pre_attention(self, layer: int, h: torch.Tensor) -> None:
@@ -116,15 +221,19 @@ class InfiniGenKV(PooledKV):
         a = self.a_sel[j, meta.token_slot]                                     # (B, Hkv, D, R)
         # scaled like the real attention logits, so alpha is a gap in logit units (as in the paper)
         pq = torch.einsum("bgjd,bgdr->bgjr", q.view(B, self.num_kv_heads, G, -1), a).reshape(B, -1, R) * self.sm_scale
-        n_prev = meta.seq_lens - 1                                             # cached tokens
-        scores = ops.partial_qk(pq, self.pk[j], n_prev, meta.slot_idx)         # (B, H, T) fp32
-        idx, count = ops.select(scores, n_prev, self.alpha, self.budget, G, self.max_select,
+        n_valid = torch.clamp(meta.seq_lens - 1, max=self.rows)                # cached rows, all live
+        scores = ops.partial_qk(pq, self.pk[j], n_valid, meta.slot_idx)        # (B, H, P) fp32
+        idx, count = ops.select(scores, n_valid, self.alpha, self.budget, G, self.max_select,
                                 out_idx=self.idx[buf, :B], out_count=self.count[buf, :B])
+        if self.limited:   # every KV head that selected a row counts once for it
+            live = torch.arange(self.max_select, device=idx.device) < count[..., None]   # (B, Hkv, M)
+            slots = meta.slot_idx.long()[:, None, None].expand_as(idx)
+            self.counter[j].index_put_((slots, idx.long()), live.to(torch.int32), accumulate=True)
         if not self.skip_gather:
             kp, vp = self.pool.heads(j)                                        # (S, Hkv, T, D) views
             ops.gather_kv(kp, vp, idx, count, meta.slot_idx, out_k=self.sel_k[buf, :B], out_v=self.sel_v[buf, :B])
         self._num_fetched += count.sum()
-        self._num_candidates += n_prev.sum() * self.num_kv_heads
+        self._num_candidates += n_valid.sum() * self.num_kv_heads
 
     # -- attention ------------------------------------------------------------------------------
     def attend(self, layer, q, k, v):
@@ -133,24 +242,44 @@ class InfiniGenKV(PooledKV):
         meta, j, buf = self.meta, layer - self.dense_layers, layer % 2
         if meta.is_prefill:
             self._prefill_partial_keys(layer, q, k)
+            if self.limited:
+                return self._prefill_attend_limited(j, q, k, v)
             return self.prefill_attend(j, q, k, v)
         B = q.shape[0]
         if self.is_cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[layer])  # main waits: rows gathered
         # the current token's partial key joins the partial cache for later steps
         pk_cur = torch.einsum("bgd,bgdr->bgr", k, self.a_sel[j, meta.token_slot].to(k.dtype))  # (B, Hkv, R)
-        self.pk[j][meta.token_slot, :, meta.positions] = pk_cur
+        rows = self._decode_rows(j)                                            # (B,) int64
+        self.pk[j][meta.token_slot, :, rows] = pk_cur
         out = self.ops.sparse_attention(q, self.sel_k[buf, :B], self.sel_v[buf, :B], self.count[buf, :B],
                                         k, v, self.sm_scale)
-        self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], meta.token_slot, meta.positions)
+        self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], meta.token_slot, rows)
+        if self.limited:
+            self.row_pos[j][meta.token_slot, rows] = meta.positions
+            self.counter[j][meta.token_slot, rows] = 0
         return out
+
+    def _decode_rows(self, j: int) -> torch.Tensor:
+        """The pool row of each sequence's new token in pooled layer j (B,) int64, on the device:
+        its position while the slot has free rows, else the victim (see the module docstring)."""
+        meta = self.meta
+        if not self.limited:
+            return meta.positions
+        rp = self.row_pos[j][meta.token_slot]                                   # (B, P) positions held
+        # live and older than the last W cached tokens (the new token sits at positions[b])
+        eligible = (rp >= 0) & (rp < (meta.positions - self.evict_window)[:, None])
+        key = rp if self.evict == "fifo" else self.counter[j][meta.token_slot].long() * self._capacity + rp
+        victim = key.masked_fill(~eligible, torch.iinfo(torch.int64).max).argmin(-1)    # ties: oldest
+        full = meta.seq_lens.long() - 1 >= self.rows                            # P tokens cached already
+        return torch.where(full, victim, meta.positions)
 
     def _prefill_partial_keys(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         """Pick each new sequence's R skewed columns per KV head from its prompt (column sums of
         |skewed q| + |skewed k|) and write the partial keys of the new tokens."""
         meta, j, G = self.meta, layer - self.dense_layers, self.group
         A = self.skew[layer]                                                   # (Hkv, D, D)
-        start = 0
+        start, pks = 0, []
         for slot, n0, n in zip(meta.host_slots, meta.host_start, meta.host_new):
             qs = q[start:start + n].float().view(n, self.num_kv_heads, G, -1)  # (n, Hkv, G, D)
             ks = k[start:start + n].float()                                    # (n, Hkv, D)
@@ -161,8 +290,41 @@ class InfiniGenKV(PooledKV):
                 sel = score.topk(self.R, dim=-1).indices.sort(-1).values       # (Hkv, R)
                 self.a_sel[j, slot] = torch.gather(A, 2, sel[:, None, :].expand(-1, A.shape[1], -1)).to(self.dtype)
             pk = torch.einsum("ngd,gdr->ngr", ks, self.a_sel[j, slot].float())  # (n, Hkv, R)
-            self.pk[j, slot, :, n0:n0 + n] = pk.transpose(0, 1).to(self.dtype)
+            if self.limited:
+                pks.append(pk)
+            else:
+                self.pk[j, slot, :, n0:n0 + n] = pk.transpose(0, 1).to(self.dtype)
             start += n
+        if self.limited:   # the kept tokens' partial keys, by row
+            plan = self._plan
+            self.pk[j][plan["slot"], :, plan["row"]] = torch.cat(pks)[plan["tok"]].to(self.dtype)
+
+    def _prefill_attend_limited(self, j: int, q, k, v) -> torch.Tensor:
+        """PooledKV.prefill_attend for a limited pool: attention over every token of the prompt
+        (GPU staging of the full capacity), then only the planned tokens go to the pool rows.
+        A continued sequence fits in P rows (the plan checked it), so its rows are its positions."""
+        meta, ops, plan = self.meta, self.ops, self._plan
+        if self.prefill_k is None:
+            self.prefill_k = self._gpu((self._num_slots, self._capacity, self.num_kv_heads, self.head_dim))
+            self.prefill_v = self._gpu(self.prefill_k.shape)
+        sk, sv = self.prefill_k, self.prefill_v                              # (S, T, Hkv, D)
+        for b, (slot, n0) in enumerate(zip(meta.host_slots, meta.host_start)):
+            if n0:   # a continued conversation: its cached tokens come back first
+                sk[b, :n0].copy_(self.pool.k[j, slot, :n0], non_blocking=True)
+                sv[b, :n0].copy_(self.pool.v[j, slot, :n0], non_blocking=True)
+        rows = torch.repeat_interleave(torch.arange(len(meta.host_new)), torch.tensor(meta.host_new)).to(q.device)
+        sk[rows, meta.positions] = k
+        sv[rows, meta.positions] = v
+        B = len(meta.host_new)
+        out = ops.prefill_attention(q, sk.permute(0, 2, 1, 3), sv.permute(0, 2, 1, 3), meta.cu_seqlens_q,
+                                    meta.start_pos, torch.arange(B, dtype=torch.int32, device=q.device),
+                                    self.sm_scale, meta.max_seqlen_q)
+        ops.append_kv(k[plan["tok"]], v[plan["tok"]], self.pool.k[j], self.pool.v[j], plan["slot"], plan["row"])
+        self.row_pos[j, plan["new_slots"]] = -1              # a new sequence: every row empty
+        self.counter[j, plan["new_slots"]] = 0
+        self.row_pos[j][plan["slot"], plan["row"]] = meta.positions[plan["tok"]]
+        self.counter[j][plan["slot"], plan["row"]] = 0
+        return out
 
     # -- measurement helpers (benchmarks) --------------------------------------------------------
     def gather_all(self) -> None:
@@ -184,9 +346,11 @@ class InfiniGenKV(PooledKV):
     def stats(self) -> dict:
         total = int(self._num_candidates.item())       # read after the run, never inside a step
         return {"fetched_fraction": int(self._num_fetched.item()) / total if total else 0.0,
-                "host_pool_gib": self.pool.nbytes / 2**30 if self.pool else 0.0}
+                "host_pool_gib": self.pool.nbytes / 2**30 if self.pool else 0.0,
+                "host_kv_tokens": self.rows if self.pool else 0}
 
     def close(self) -> None:
         super().close()
         self.dense.close()
         self.pk = self.a_sel = self.sel_k = self.sel_v = None
+        self.counter = self.row_pos = None

@@ -86,7 +86,8 @@ def test_ctrl_c_stops_reply_and_keeps_conversation(llm, monkeypatch):
     (["--top-p", "0", "--prompt", "hi"], "error: top_p must be in"),
     (["--policy", "h2o", "--prompt", "hi"], "error: policy 'h2o' is not implemented"),
     (["--alpha", "3", "--prompt", "hi"], "only apply to --policy infinigen"),
-    (["--policy", "infinigen", "--cpu-kv-limit", "0.5", "--prompt", "hi"], "--cpu-kv-limit"),
+    (["--policy", "infinigen", "--cpu-kv-limit", "1.5", "--prompt", "hi"], "--cpu-kv-limit"),
+    (["--policy", "offload", "--cpu-kv-limit", "0.5", "--prompt", "hi"], "only apply to --policy infinigen"),
 ])
 def test_cli_errors_are_one_line(args, msg):
     r = chat(*args)
