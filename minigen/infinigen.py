@@ -304,21 +304,7 @@ class InfiniGenKV(PooledKV):
         (GPU staging of the full capacity), then only the planned tokens go to the pool rows.
         A continued sequence fits in P rows (the plan checked it), so its rows are its positions."""
         meta, ops, plan = self.meta, self.ops, self._plan
-        if self.prefill_k is None:
-            self.prefill_k = self._gpu((self._num_slots, self._capacity, self.num_kv_heads, self.head_dim))
-            self.prefill_v = self._gpu(self.prefill_k.shape)
-        sk, sv = self.prefill_k, self.prefill_v                              # (S, T, Hkv, D)
-        for b, (slot, n0) in enumerate(zip(meta.host_slots, meta.host_start)):
-            if n0:   # a continued conversation: its cached tokens come back first
-                sk[b, :n0].copy_(self.pool.k[j, slot, :n0], non_blocking=True)
-                sv[b, :n0].copy_(self.pool.v[j, slot, :n0], non_blocking=True)
-        rows = torch.repeat_interleave(torch.arange(len(meta.host_new)), torch.tensor(meta.host_new)).to(q.device)
-        sk[rows, meta.positions] = k
-        sv[rows, meta.positions] = v
-        B = len(meta.host_new)
-        out = ops.prefill_attention(q, sk.permute(0, 2, 1, 3), sv.permute(0, 2, 1, 3), meta.cu_seqlens_q,
-                                    meta.start_pos, torch.arange(B, dtype=torch.int32, device=q.device),
-                                    self.sm_scale, meta.max_seqlen_q)
+        out = self.prefill_attention_from_pool(j, q, k, v)
         ops.append_kv(k[plan["tok"]], v[plan["tok"]], self.pool.k[j], self.pool.v[j], plan["slot"], plan["row"])
         self.row_pos[j, plan["new_slots"]] = -1              # a new sequence: every row empty
         self.counter[j, plan["new_slots"]] = 0

@@ -81,8 +81,16 @@ class PooledKV(KVPolicy):
                 f"GPU staging buffer {tuple(shape)} does not fit; lower the batch or --max-seq-len") from None
 
     def prefill_attend(self, pool_layer: int, q, k, v) -> torch.Tensor:
-        """Prefill for a pooled layer: earlier tokens of each sequence come back from the pool, the
-        new ones are added, causal attention runs on the GPU, the new K/V go to the pool."""
+        """Prefill for a pooled layer: attention on the GPU (prefill_attention_from_pool), then
+        the new tokens' K/V go to the pool at their positions."""
+        out = self.prefill_attention_from_pool(pool_layer, q, k, v)
+        meta = self.meta
+        self.ops.append_kv(k, v, self.pool.k[pool_layer], self.pool.v[pool_layer], meta.token_slot, meta.positions)
+        return out
+
+    def prefill_attention_from_pool(self, pool_layer: int, q, k, v) -> torch.Tensor:
+        """Causal prefill attention for a pooled layer: each sequence's earlier tokens (the first
+        host_start pool rows) come back to a GPU staging buffer, the new tokens are added there."""
         meta, ops = self.meta, self.ops
         if self.prefill_k is None:
             self.prefill_k = self._gpu((self._num_slots, self._capacity, self.num_kv_heads, self.head_dim))
@@ -96,11 +104,9 @@ class PooledKV(KVPolicy):
         sk[rows, meta.positions] = k
         sv[rows, meta.positions] = v
         B = len(meta.host_new)
-        out = ops.prefill_attention(q, sk.permute(0, 2, 1, 3), sv.permute(0, 2, 1, 3), meta.cu_seqlens_q,
-                                    meta.start_pos, torch.arange(B, dtype=torch.int32, device=q.device),
-                                    self.sm_scale, meta.max_seqlen_q)
-        ops.append_kv(k, v, self.pool.k[pool_layer], self.pool.v[pool_layer], meta.token_slot, meta.positions)
-        return out
+        return ops.prefill_attention(q, sk.permute(0, 2, 1, 3), sv.permute(0, 2, 1, 3), meta.cu_seqlens_q,
+                                     meta.start_pos, torch.arange(B, dtype=torch.int32, device=q.device),
+                                     self.sm_scale, meta.max_seqlen_q)
 
     def close(self) -> None:
         if self.is_cuda:
