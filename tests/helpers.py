@@ -96,13 +96,20 @@ class IdTokenizer:
 
 
 def minigen_from_hf(hf_model, use_triton: bool = False, dtype=torch.float32, device="cpu"):
-    """minigen's model built from a transformers model's state dict (same names)."""
+    """minigen's model for a transformers model, through the real path: save_pretrained
+    (safetensors) to a temporary directory, then minigen's loader and build_model."""
+    import tempfile
+
     from kernels import Ops
-    from minigen.config import ModelConfig
+    from minigen.loader import load_checkpoint
     from models import build_model
-    cfg = ModelConfig.from_hf(hf_model.config.to_dict())
-    return build_model(cfg, hf_model.state_dict().items(), device=device, dtype=dtype,
-                       ops=Ops(use_triton=use_triton or device == "cuda"))
+    from tests.test_loader import save_tiny_tokenizer
+    with tempfile.TemporaryDirectory() as d:
+        hf_model.save_pretrained(d, safe_serialization=True)
+        save_tiny_tokenizer(d)
+        ckpt = load_checkpoint(d)
+        return build_model(ckpt.config, ckpt.tensors(), device=device, dtype=dtype,
+                           ops=Ops(use_triton=use_triton or device == "cuda"))
 
 
 def random_prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
