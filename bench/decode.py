@@ -319,6 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=None, help="infinigen: max fraction of the context per KV head")
     p.add_argument("--partial-ratio", type=float, default=None)
     p.add_argument("--dense-layers", type=int, default=None)
+    p.add_argument("--cpu-kv-limit", default=None, help="infinigen: host pool limit, bytes or a fraction")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--steps", type=int, default=64)
@@ -339,6 +340,9 @@ def main(argv=None) -> int:
     h2d = pinned_h2d_gbps()
     opts = {n: getattr(args, n) for n in ("alpha", "budget", "partial_ratio", "dense_layers")
             if getattr(args, n) is not None}
+    if args.cpu_kv_limit is not None:
+        from minigen.infinigen import parse_cpu_kv_limit
+        opts["cpu_kv_limit"] = parse_cpu_kv_limit(args.cpu_kv_limit)
     if args.text:
         from minigen.llm import LLM
         if not args.model:
