@@ -2,13 +2,14 @@
 next layer will attend to are fetched (Lee et al., OSDI 2024).
 
 Per layer i >= dense_layers ("pooled" layers), per decode step:
-    speculate   at layer i-1 (pre_attention hook), on the side stream:
+    speculate   at layer i-1 (pre_attention hook), on the speculation stream:
                   q~   = skew(RoPE(h_{i-1} W_q^(i)))[:, sel] / sqrt(D)  (B, H, R)  partial queries
                   s    = q~ . pk_i                                      (B, H, T)  partial_qk kernel
                   idx  = {t : max over the KV head's group of s - rowmax > -alpha}, at most
                          ceil(budget * n) per (sequence, KV head)       select kernel
+    gather      on the gather stream, after layer i's speculation (so it overlaps layer i+1's):
                   K,V  = pool_i[slot, idx]  straight from pinned memory gather_kv kernel
-    attend      at layer i, main waits on the side stream's event, then attends over the
+    attend      at layer i, main waits on the gather stream's event, then attends over the
                 gathered rows plus the current token (sparse_attention kernel), writes the new
                 token's K/V to the pool (append_kv) and its partial key to pk_i.
 Layers < dense_layers keep their whole KV on the GPU (DenseKV): layer 0 has no earlier layer to
@@ -146,7 +147,9 @@ class InfiniGenKV(PooledKV):
         self.idx = torch.zeros((2, S, Hkv, self.max_select), dtype=torch.int32, device=dev)
         self.count = torch.zeros((2, S, Hkv), dtype=torch.int32, device=dev)
         if self.is_cuda:
-            self.side = torch.cuda.Stream(self.device)
+            self.side = torch.cuda.Stream(self.device)            # speculation
+            self.gather_stream = torch.cuda.Stream(self.device)   # PCIe gathers
+            self.spec_done = [torch.cuda.Event() for _ in range(self.num_layers)]
             self.h_ready = [torch.cuda.Event() for _ in range(self.num_layers)]
             self.ready = [torch.cuda.Event() for _ in range(self.num_layers)]
 
@@ -198,21 +201,29 @@ class InfiniGenKV(PooledKV):
 
     # -- speculation: runs at layer i-1 for layer i ----------------------------------------------
     def pre_attention(self, layer: int, h: torch.Tensor) -> None:
+        """Speculate layer+1 from this layer's attention input h, then gather its rows.
+        Two side streams, so that layer i's gather (PCIe-bound) overlaps layer i+1's speculation
+        (compute): main -> spec stream (h_ready) -> gather stream (spec_done) -> main (ready)."""
         nxt = layer + 1
         if self.meta.is_prefill or nxt < self.dense_layers or nxt >= self.num_layers:
             return
         if not self.is_cuda:
             self._speculate(nxt, h)
+            self._gather(nxt)
             return
         main = torch.cuda.current_stream(self.device)
-        self.h_ready[nxt].record(main)            # side waits: h and the previous step's writes
+        self.h_ready[nxt].record(main)            # spec waits: h and the previous step's writes
         self.side.wait_event(self.h_ready[nxt])
         # h was allocated on main: hold a reference so its memory cannot be reused while the side
         # stream reads it (works under CUDA-graph capture too, where record_stream does not)
         self._h_keep[nxt] = h
         with torch.cuda.stream(self.side):
             self._speculate(nxt, h)
-        self.ready[nxt].record(self.side)         # main waits on it in attend(nxt)
+        self.spec_done[nxt].record(self.side)     # gather waits: idx/count of layer nxt written
+        self.gather_stream.wait_event(self.spec_done[nxt])
+        with torch.cuda.stream(self.gather_stream):
+            self._gather(nxt)
+        self.ready[nxt].record(self.gather_stream)   # main waits on it in attend(nxt)
 
     def _speculate(self, i: int, h: torch.Tensor) -> None:
         meta, ops, j, buf = self.meta, self.ops, i - self.dense_layers, i % 2
@@ -229,11 +240,17 @@ class InfiniGenKV(PooledKV):
             live = torch.arange(self.max_select, device=idx.device) < count[..., None]   # (B, Hkv, M)
             slots = meta.slot_idx.long()[:, None, None].expand_as(idx)
             self.counter[j].index_put_((slots, idx.long()), live.to(torch.int32), accumulate=True)
-        if not self.skip_gather:
-            kp, vp = self.pool.heads(j)                                        # (S, Hkv, T, D) views
-            ops.gather_kv(kp, vp, idx, count, meta.slot_idx, out_k=self.sel_k[buf, :B], out_v=self.sel_v[buf, :B])
         self._num_fetched += count.sum()
         self._num_candidates += n_valid.sum() * self.num_kv_heads
+
+    def _gather(self, i: int) -> None:
+        """Layer i's selected K/V rows from the pinned pool into sel_k/sel_v[i % 2]."""
+        if self.skip_gather:
+            return
+        meta, j, buf, B = self.meta, i - self.dense_layers, i % 2, self.meta.num_seqs
+        kp, vp = self.pool.heads(j)                                            # (S, Hkv, T, D) views
+        self.ops.gather_kv(kp, vp, self.idx[buf, :B], self.count[buf, :B], meta.slot_idx,
+                           out_k=self.sel_k[buf, :B], out_v=self.sel_v[buf, :B])
 
     # -- attention ------------------------------------------------------------------------------
     def attend(self, layer, q, k, v):
