@@ -233,14 +233,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_splits = decode_num_splits(B, Hkv, T, tile_bytes, cfg["BLOCK_N"], _num_sms(q.device))
     if num_splits < 1:
         raise ValueError(f"decode_attention: num_splits must be >= 1, got {num_splits}")
-    # ---- scratch partials, one fp32 allocation: (B, H, S, D) acc, then (B, H, S) max and sum
-    if num_splits > 1:
-        rows = B * H * num_splits
-        pad = triton.cdiv(rows, 4) * 4                              # keep each piece 16-byte aligned
-        part = torch.empty(rows * D + 2 * pad, dtype=torch.float32, device=q.device)
-        part_acc, part_max, part_sum = part[:rows * D], part[rows * D:], part[rows * D + pad:]
-    else:
-        part_acc = part_max = part_sum = out   # unused: kernel 1 writes out directly
+    part_acc, part_max, part_sum = split_scratch(B, H, D, num_splits, out)
     # ---- launch kernel 1: (sequences, kv heads, splits)
     _decode_attention_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, seq_lens, slot_idx, out, part_acc, part_max, part_sum,
@@ -252,16 +245,33 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=G, HEAD_DIM=D, SPLIT_K=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg,
     )
-    # ---- launch kernel 2: combine the splits, (sequences, query heads)
-    if num_splits > 1:
-        _decode_attention_reduce_kernel[(B, H)](
-            part_acc, part_max, part_sum, out,
-            num_splits,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=cfg["BLOCK_D"], num_warps=1 if D <= 64 else 2,
-        )
+    reduce_splits(part_acc, part_max, part_sum, out, num_splits, cfg["BLOCK_D"])
     return out
+
+
+def split_scratch(B: int, H: int, D: int, num_splits: int, out: torch.Tensor):
+    """Scratch partials of a split-K launch, one fp32 allocation: (B, H, S, D) acc, then (B, H, S)
+    max and sum. With one split the kernel writes `out` directly and these are unused aliases."""
+    if num_splits == 1:
+        return out, out, out
+    rows = B * H * num_splits
+    pad = triton.cdiv(rows, 4) * 4                              # keep each piece 16-byte aligned
+    part = torch.empty(rows * D + 2 * pad, dtype=torch.float32, device=out.device)
+    return part[:rows * D], part[rows * D:], part[rows * D + pad:]
+
+
+def reduce_splits(part_acc, part_max, part_sum, out: torch.Tensor, num_splits: int, block_d: int) -> None:
+    """Kernel 2: combine the splits' partials into out (B, H, D), grid (sequences, query heads)."""
+    if num_splits == 1:
+        return
+    B, H, D = out.shape
+    _decode_attention_reduce_kernel[(B, H)](
+        part_acc, part_max, part_sum, out,
+        num_splits,
+        out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_D=block_d, num_warps=1 if D <= 64 else 2,
+    )
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

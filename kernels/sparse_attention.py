@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import _decode_attention_reduce_kernel, _num_sms  # same split reduce
+from kernels.decode_attention import _num_sms, reduce_splits, split_scratch  # same split-K partials
 
 _LOG2E = 1.4426950408889634
 
@@ -205,14 +205,7 @@ def sparse_attention(q: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor, 
         num_splits = sparse_num_splits(B, Hkv, N, tile_bytes, cfg["BLOCK_N"], _num_sms(q.device))
     if num_splits < 1:
         raise ValueError(f"sparse_attention: num_splits must be >= 1, got {num_splits}")
-    # ---- scratch partials, one fp32 allocation: (B, H, splits, D) acc, then (B, H, splits) max, sum
-    if num_splits > 1:
-        rows = B * H * num_splits
-        pad = triton.cdiv(rows, 4) * 4                              # keep each piece 16-byte aligned
-        part = torch.empty(rows * D + 2 * pad, dtype=torch.float32, device=q.device)
-        part_acc, part_max, part_sum = part[:rows * D], part[rows * D:], part[rows * D + pad:]
-    else:
-        part_acc = part_max = part_sum = out   # unused: kernel 1 writes out directly
+    part_acc, part_max, part_sum = split_scratch(B, H, D, num_splits, out)   # scratch partials
     # ---- launch kernel 1: (sequences, kv heads, splits)
     _sparse_attention_kernel[(B, Hkv, num_splits)](
         q, k_sel, v_sel, count, k_cur, v_cur, out, part_acc, part_max, part_sum,
@@ -227,15 +220,8 @@ def sparse_attention(q: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor, 
         GROUP=G, HEAD_DIM=D, SPLIT_K=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg,
     )
-    # ---- launch kernel 2: combine the splits, (sequences, query heads)
-    if num_splits > 1:
-        _decode_attention_reduce_kernel[(B, H)](
-            part_acc, part_max, part_sum, out,
-            num_splits,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=cfg["BLOCK_D"], num_warps=1 if D <= 64 else 2,
-        )
+    # ---- launch kernel 2: combine the splits (decode_attention's reduce: the same partials)
+    reduce_splits(part_acc, part_max, part_sum, out, num_splits, cfg["BLOCK_D"])
     return out
 
 
