@@ -9,6 +9,25 @@ from __future__ import annotations
 import os
 
 
+def rows_2d(t, C: int, what: str):
+    """View (..., C) as (rows, C) without copying; the last dim must be contiguous."""
+    try:
+        return t.view(-1, C)
+    except RuntimeError:
+        raise ValueError(f"{what}: leading dims of shape {tuple(t.shape)} / strides {t.stride()} "
+                         f"cannot be flattened without a copy; pass a row-strided tensor") from None
+
+
+def row_launch_config(C: int, max_block: int) -> tuple[int, bool, int]:
+    """(BLOCK_C, ONE_BLOCK, num_warps) of a row-wise kernel: a whole row per block when it fits
+    in max_block, else chunks; ~16 elements per thread for C up to 4096."""
+    import triton
+    block = triton.next_power_of_2(C)
+    one_block = block <= max_block
+    block = min(block, max_block)
+    return block, one_block, min(8, max(1, block // 512))
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import row_launch_config, rows_2d
+
 # Widest row held in registers in one block; wider rows loop over chunks of this size.
 # Tests lower it to exercise the loop.
 _MAX_BLOCK_C = 8192
@@ -79,20 +81,7 @@ def _layer_norm_kernel(
 
 def _launch_config(C: int) -> tuple[int, bool, int]:
     """(BLOCK_C, ONE_BLOCK, num_warps): a whole row per block when it fits, else chunks."""
-    block = triton.next_power_of_2(C)
-    one_block = block <= _MAX_BLOCK_C
-    block = min(block, _MAX_BLOCK_C)
-    num_warps = min(8, max(1, block // 512))   # ~16 elements per thread for C up to 4096
-    return block, one_block, num_warps
-
-
-def _rows_2d(t: torch.Tensor, C: int, what: str) -> torch.Tensor:
-    """View (..., C) as (rows, C) without copying; the last dim must be contiguous."""
-    try:
-        return t.view(-1, C)
-    except RuntimeError:
-        raise ValueError(f"{what}: leading dims of shape {tuple(t.shape)} / strides {t.stride()} "
-                         f"cannot be flattened without a copy; pass a row-strided tensor") from None
+    return row_launch_config(C, _MAX_BLOCK_C)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
@@ -107,14 +96,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x = x.contiguous()   # rare: column-strided input; one copy keeps the kernel vectorized
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    x2 = _rows_2d(x, C, "layer_norm x")                                 # (N, C)
+    x2 = rows_2d(x, C, "layer_norm x")                                 # (N, C)
     # ---- allocate or take out=
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     elif out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1:
         raise ValueError(f"layer_norm: out must be {tuple(x.shape)} {x.dtype} with a contiguous last dim, "
                          f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
-    y2 = _rows_2d(out, C, "layer_norm out")                            # (N, C)
+    y2 = rows_2d(out, C, "layer_norm out")                            # (N, C)
     N = x2.shape[0]
     if N == 0:
         return out

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import rows_2d
+
 
 @triton.jit
 def _swiglu_kernel(
@@ -46,15 +48,6 @@ def _launch_config(N: int, F: int) -> tuple[int, int]:
     return block, min(4, max(1, block // 256))
 
 
-def _rows_2d(t: torch.Tensor, F: int, what: str) -> torch.Tensor:
-    """View (..., F) as (rows, F) without copying; the last dim must be contiguous."""
-    try:
-        return t.view(-1, F)
-    except RuntimeError:
-        raise ValueError(f"{what}: leading dims of shape {tuple(t.shape)} / strides {t.stride()} "
-                         f"cannot be flattened without a copy; pass a row-strided tensor") from None
-
-
 def swiglu(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up for gate, up (N, F) (or (..., F)); returns out (same shape, gate.dtype)."""
     # ---- check shapes
@@ -64,14 +57,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None
     # rare column-strided inputs: one copy keeps the kernel vectorized
     gate = gate if gate.stride(-1) == 1 else gate.contiguous()
     up = up if up.stride(-1) == 1 else up.contiguous()
-    g2, u2 = _rows_2d(gate, Fdim, "swiglu gate"), _rows_2d(up, Fdim, "swiglu up")    # (N, F)
+    g2, u2 = rows_2d(gate, Fdim, "swiglu gate"), rows_2d(up, Fdim, "swiglu up")    # (N, F)
     # ---- allocate or take out=
     if out is None:
         out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     elif out.shape != gate.shape or out.dtype != gate.dtype or out.stride(-1) != 1:
         raise ValueError(f"swiglu: out must be {tuple(gate.shape)} {gate.dtype} with a contiguous last dim, "
                          f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
-    y2 = _rows_2d(out, Fdim, "swiglu out")                                            # (N, F)
+    y2 = rows_2d(out, Fdim, "swiglu out")                                            # (N, F)
     N = g2.shape[0]
     if N == 0 or Fdim == 0:
         return out
