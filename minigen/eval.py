@@ -30,7 +30,7 @@ def perplexity(llm: LLM, ids: list[int], chunk: int = 1024) -> dict:
     engine.max_prefill_tokens = chunk
     seq = engine.new_sequence(ids)
     try:
-        nll_sum, n, pos = 0.0, 0, 0
+        nll_sum, n, pos = torch.zeros((), dtype=torch.float64, device=engine.device), 0, 0
         target = torch.tensor(ids, device=engine.device)
         # one prefill call per chunk so the (chunk, V) logits never pile up for the whole text
         with torch.inference_mode():
@@ -43,12 +43,13 @@ def perplexity(llm: LLM, ids: list[int], chunk: int = 1024) -> dict:
                 # logits at position p predict token p+1
                 nxt = target[pos + 1: pos + n_chunk + 1]
                 lp = torch.log_softmax(logits[: nxt.shape[0]].float(), dim=-1)
-                nll_sum += -lp.gather(1, nxt[:, None]).sum().item()
+                nll_sum -= lp.gather(1, nxt[:, None]).sum().double()
                 n += nxt.shape[0]
                 pos += n_chunk
     finally:
         engine.release(seq)
-    return {"ppl": math.exp(nll_sum / n), "nll": nll_sum / n, "tokens": len(ids), "scored": n}
+    nll = nll_sum.item() / n          # sync: the one host read, after the last chunk
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": len(ids), "scored": n}
 
 
 def perplexity_decode(llm: LLM, ids: list[int], prefix: int) -> dict:
@@ -62,7 +63,7 @@ def perplexity_decode(llm: LLM, ids: list[int], prefix: int) -> dict:
         lp = engine.teacher_force(seq, ids[prefix:])
     finally:
         engine.release(seq)
-    nll = -lp.double().mean().item()
+    nll = -lp.double().mean().item()  # sync: once, after the whole teacher-forced run
     res = {"ppl": math.exp(nll), "nll": nll, "tokens": len(ids), "scored": len(ids) - prefix,
            "mode": "decode", "prefix": prefix}
     res.update(engine.kv.stats())

@@ -169,7 +169,7 @@ class InfiniGenKV(PooledKV):
         return min(P, max_seq_len)
 
     def begin(self, meta) -> None:
-        self.meta = meta
+        super().begin(meta)
         self.dense.begin(meta)
         if meta.is_prefill and self.limited:
             self._plan = self._prefill_plan(meta)
@@ -347,7 +347,8 @@ class InfiniGenKV(PooledKV):
         return 2 * rows * self.head_dim * (torch.finfo(self.dtype).bits // 8)
 
     def stats(self) -> dict:
-        total = int(self._num_candidates.item())       # read after the run, never inside a step
+        # sync: stats are read after a run, never inside a decode step
+        total = int(self._num_candidates.item())
         return {"fetched_fraction": int(self._num_fetched.item()) / total if total else 0.0,
                 "host_pool_gib": self.pool.nbytes / 2**30 if self.pool else 0.0,
                 "host_kv_tokens": self.rows if self.pool else 0}

@@ -80,6 +80,14 @@ class PooledKV(KVPolicy):
             raise torch.OutOfMemoryError(
                 f"GPU staging buffer {tuple(shape)} does not fit; lower the batch or --max-seq-len") from None
 
+    def begin(self, meta) -> None:
+        self.meta = meta
+        if meta.is_prefill:   # the same for every layer of this forward: built once
+            dev = meta.positions.device
+            B = len(meta.host_new)
+            self._prefill_rows = torch.repeat_interleave(torch.arange(B), torch.tensor(meta.host_new)).to(dev)
+            self._prefill_slots = torch.arange(B, dtype=torch.int32, device=dev)   # staging row = batch row
+
     def prefill_attend(self, pool_layer: int, q, k, v) -> torch.Tensor:
         """Prefill for a pooled layer: attention on the GPU (prefill_attention_from_pool), then
         the new tokens' K/V go to the pool at their positions."""
@@ -100,13 +108,10 @@ class PooledKV(KVPolicy):
             if n0:   # a continued conversation: its cached tokens come back first
                 sk[b, :n0].copy_(self.pool.k[pool_layer, slot, :n0], non_blocking=True)
                 sv[b, :n0].copy_(self.pool.v[pool_layer, slot, :n0], non_blocking=True)
-        rows = torch.repeat_interleave(torch.arange(len(meta.host_new)), torch.tensor(meta.host_new)).to(q.device)
-        sk[rows, meta.positions] = k
-        sv[rows, meta.positions] = v
-        B = len(meta.host_new)
+        sk[self._prefill_rows, meta.positions] = k
+        sv[self._prefill_rows, meta.positions] = v
         return ops.prefill_attention(q, sk.permute(0, 2, 1, 3), sv.permute(0, 2, 1, 3), meta.cu_seqlens_q,
-                                     meta.start_pos, torch.arange(B, dtype=torch.int32, device=q.device),
-                                     self.sm_scale, meta.max_seqlen_q)
+                                     meta.start_pos, self._prefill_slots, self.sm_scale, meta.max_seqlen_q)
 
     def close(self) -> None:
         if self.is_cuda:
@@ -132,12 +137,14 @@ class OffloadKV(PooledKV):
         if self.is_cuda:
             self.fetched = [torch.cuda.Event() for _ in range(self.num_layers)]
             self.buf_free = [torch.cuda.Event(), torch.cuda.Event()]
-        self._rows_fetched = 0
 
     def begin(self, meta) -> None:
-        self.meta = meta
+        super().begin(meta)
         if meta.is_prefill:
             return
+        # every layer attends over the fetched tokens [0, n-1) of each sequence, plus the current one
+        B = meta.num_seqs
+        self._count = (meta.seq_lens - 1).to(torch.int32)[:, None].expand(B, self.num_kv_heads).contiguous()
         if self.is_cuda:
             main = torch.cuda.current_stream(self.device)
             for ev in self.buf_free:      # copy stream starts after everything main did so far
@@ -163,7 +170,6 @@ class OffloadKV(PooledKV):
             if n:
                 self.stage_k[buf, b, :n].copy_(self.pool.k[layer, slot, :n], non_blocking=True)
                 self.stage_v[buf, b, :n].copy_(self.pool.v[layer, slot, :n], non_blocking=True)
-                self._rows_fetched += n
 
     def attend(self, layer, q, k, v):
         if self.meta.is_prefill:
@@ -172,10 +178,8 @@ class OffloadKV(PooledKV):
         if self.is_cuda:
             main = torch.cuda.current_stream(self.device)
             main.wait_event(self.fetched[layer])  # main waits: layer's KV is on the GPU
-        # attention over the fetched tokens [0, n-1) plus the current one
-        count = (meta.seq_lens - 1).to(torch.int32)[:, None].expand(B, self.num_kv_heads).contiguous()
         out = self.ops.sparse_attention(q, self.stage_k[buf, :B].permute(0, 2, 1, 3),
-                                        self.stage_v[buf, :B].permute(0, 2, 1, 3), count, k, v, self.sm_scale)
+                                        self.stage_v[buf, :B].permute(0, 2, 1, 3), self._count, k, v, self.sm_scale)
         self.ops.append_kv(k, v, self.pool.k[layer], self.pool.v[layer], meta.token_slot, meta.positions)
         if self.is_cuda:
             self.buf_free[buf].record(main)       # copy may now overwrite staging[buf]

@@ -104,6 +104,7 @@ class _RecordingKV(DenseKV):
         self.queries: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
 
     def attend(self, layer, q, k, v):
+        # sync: calibration (offline) keeps every layer's queries on the host for the SVD
         self.queries[layer].append(q.detach().float().cpu())          # (N, H, D)
         return super().attend(layer, q, k, v)
 
