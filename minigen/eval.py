@@ -27,7 +27,6 @@ def perplexity(llm: LLM, ids: list[int], chunk: int = 1024) -> dict:
     if len(ids) < 2:
         raise ValueError(f"need at least 2 tokens to score, the text has {len(ids)}")
     engine = llm.get_engine(1)
-    engine.max_prefill_tokens = chunk
     seq = engine.new_sequence(ids)
     try:
         nll_sum, n, pos = torch.zeros((), dtype=torch.float64, device=engine.device), 0, 0

@@ -5,6 +5,13 @@ import torch
 from kernels import interpreting
 
 
+@pytest.fixture(scope="session")
+def default_llm():
+    """The embedded default model (SmolLM2-135M, fp32, CPU), loaded once for every test using it."""
+    from minigen import LLM
+    return LLM(device="cpu")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -17,10 +17,9 @@ def chat(*args, stdin=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def llm():
-    from minigen import LLM
-    return LLM(device="cpu")
+@pytest.fixture
+def llm(default_llm):
+    return default_llm
 
 
 def test_prompt_answers_paris():

@@ -16,10 +16,9 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
         "printing spread across Europe, books became cheaper, and literacy rose. ") * 3
 
 
-@pytest.fixture(scope="module")
-def llm():
-    from minigen import LLM
-    return LLM(device="cpu")
+@pytest.fixture
+def llm(default_llm):
+    return default_llm
 
 
 def test_chunked_ppl_equals_single_pass(llm):

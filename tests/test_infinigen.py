@@ -1,21 +1,16 @@
 """InfiniGen on the real default model (CPU): selecting every token reproduces dense exactly;
 a real selection fetches a fraction of the KV and still answers sensibly."""
 import pytest
-import torch
 
 from minigen.engine import Engine
-from minigen.loader import load_checkpoint
 from minigen.sampler import SamplingParams
-from models import build_model
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    ckpt = load_checkpoint(None)
-    model = build_model(ckpt.config, ckpt.tensors(), device="cpu", dtype=torch.float32)
-    return model, ckpt.tokenizer
+@pytest.fixture
+def smollm(default_llm):
+    return default_llm.model, default_llm.tokenizer
 
 
 def run(model, tok, policy, steps=32, **opts):
