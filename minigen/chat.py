@@ -41,7 +41,7 @@ class Conversation:
         self.messages.append({"role": "user", "content": user_text})
         tok = self.llm.tokenizer
         if tok.has_chat_template:
-            ids = tok.encode(tok.apply_chat_template(self.messages), add_special_tokens=False)
+            ids = tok.encode_chat(self.messages)
         else:   # no template: plain continuation of the running text
             ids = tok.encode("".join(m["content"] for m in self.messages))
         cached = self.seq.cached_ids

@@ -91,7 +91,7 @@ class LLM:
         if not chat:
             return self.tokenizer.encode(prompt)
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(msgs), add_special_tokens=False)
+        return self.tokenizer.encode_chat(msgs)
 
     def generate(self, prompts: str | list[str], *, chat: bool = False, system: str | None = None,
                  **sampling) -> list[Completion]:
