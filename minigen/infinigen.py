@@ -3,7 +3,10 @@ next layer will attend to are fetched (Lee et al., OSDI 2024).
 
 Per layer i >= dense_layers ("pooled" layers), per decode step:
     speculate   at layer i-1 (pre_attention hook), on the speculation stream:
-                  q~   = skew(RoPE(h_{i-1} W_q^(i)))[:, sel] / sqrt(D)  (B, H, R)  partial queries
+                  q~   = skew(RoPE(norm_i(x_{i-1}) W_q^(i)))[:, sel] / sqrt(D)   (B, H, R)
+                         partial queries from the residual x_{i-1} entering layer i-1, through
+                         layer i's own input norm (its gain differs from layer i-1's: using
+                         layer i-1's normalized input instead costs accuracy, measured)
                   s    = q~ . pk_i                                      (B, H, T)  partial_qk kernel
                   idx  = {t : max over the KV head's group of s - rowmax > -alpha}, at most
                          ceil(budget * n) per (sequence, KV head)       select kernel
@@ -201,7 +204,7 @@ class InfiniGenKV(PooledKV):
 
     # -- speculation: runs at layer i-1 for layer i ----------------------------------------------
     def pre_attention(self, layer: int, h: torch.Tensor) -> None:
-        """Speculate layer+1 from this layer's attention input h, then gather its rows.
+        """Speculate layer+1 from the residual h entering this layer, then gather its rows.
         Two side streams, so that layer i's gather (PCIe-bound) overlaps layer i+1's speculation
         (compute): main -> spec stream (h_ready) -> gather stream (spec_done) -> main (ready)."""
         nxt = layer + 1

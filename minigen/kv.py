@@ -66,9 +66,10 @@ class KVPolicy:
         """Called by the engine before each forward pass."""
         self.meta = meta
 
-    def pre_attention(self, layer: int, h: torch.Tensor) -> None:
-        """Called with each layer's attention input h (N, C) before its q/k/v projections:
-        the hook speculative policies use to prefetch the next layer's KV."""
+    def pre_attention(self, layer: int, x: torch.Tensor) -> None:
+        """Called with the residual stream x (N, C) entering each layer, before its attention: the
+        hook speculative policies use to prefetch the next layer's KV (model.project_q turns it
+        into any layer's queries)."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (N, H, D), k/v (N, Hkv, D) after RoPE -> attention output (N, H, D)."""

@@ -114,8 +114,8 @@ class Llama(nn.Module):
         for i, blk in enumerate(self.model.layers):
             # attention: norm -> q/k/v -> rope -> policy (stores KV, attends) -> o_proj
             at = blk.self_attn
+            kv.pre_attention(i, x)
             h = ops.rms_norm(x, blk.input_layernorm.weight, cfg.norm_eps)
-            kv.pre_attention(i, h)
             q = at.q_proj(h).view(N, H, D)                                # (N, H, D)
             k = at.k_proj(h).view(N, Hkv, D)                              # (N, Hkv, D)
             v = at.v_proj(h).view(N, Hkv, D)
@@ -131,11 +131,14 @@ class Llama(nn.Module):
         x = ops.rms_norm(x, self.model.norm.weight, cfg.norm_eps)
         return self.lm_head(x).float()                                    # (*, V)
 
-    def project_q(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Layer `layer`'s post-RoPE queries for attention input h (N, C): (N, H, D). Speculative
-        policies call it with an earlier layer's input to guess this layer's attention."""
-        cfg = self.config
-        q = self.model.layers[layer].self_attn.q_proj(h).view(h.shape[0], cfg.num_heads, cfg.head_dim)
+    def project_q(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s post-RoPE queries (N, H, D) for the residual stream x (N, C), through
+        the layer's own input norm. Speculative policies pass an earlier layer's residual to guess
+        this layer's attention (the residual changes little from layer to layer; the norm gains
+        do, so the layer's own gain is applied)."""
+        cfg, blk = self.config, self.model.layers[layer]
+        h = self.ops.rms_norm(x, blk.input_layernorm.weight, cfg.norm_eps)
+        q = blk.self_attn.q_proj(h).view(x.shape[0], cfg.num_heads, cfg.head_dim)
         return self.ops.rope(q, q, positions, self.rope_cos, self.rope_sin)[0]
 
     def tie_weights(self) -> None:

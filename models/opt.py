@@ -90,8 +90,8 @@ class OPT(nn.Module):
         for i, blk in enumerate(dec.layers):
             # attention (pre-LN: norm first; post-LN: norm after the residual add)
             at = blk.self_attn
+            kv.pre_attention(i, x)
             h = self._ln(blk.self_attn_layer_norm, x) if pre else x
-            kv.pre_attention(i, h)
             q = at.q_proj(h).view(N, H, D)                                # (N, H, D)
             k = at.k_proj(h).view(N, H, D)
             v = at.v_proj(h).view(N, H, D)
@@ -112,10 +112,12 @@ class OPT(nn.Module):
             x = dec.project_out(x)                                        # (*, P)
         return self.lm_head(x).float()                                    # (*, V)
 
-    def project_q(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Layer `layer`'s queries (N, H, D) for attention input h (N, C) (no RoPE in OPT)."""
-        cfg = self.config
-        return self.model.decoder.layers[layer].self_attn.q_proj(h).view(h.shape[0], cfg.num_heads, cfg.head_dim)
+    def project_q(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s queries (N, H, D) for the residual stream x (N, C), through the layer's
+        own attention input norm (pre-LN; post-LN attends to x itself). No RoPE in OPT."""
+        cfg, blk = self.config, self.model.decoder.layers[layer]
+        h = self._ln(blk.self_attn_layer_norm, x) if cfg.do_layer_norm_before else x
+        return blk.self_attn.q_proj(h).view(x.shape[0], cfg.num_heads, cfg.head_dim)
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.decoder.embed_tokens.weight

@@ -36,3 +36,45 @@ def test_infinigen_sparse_on_default_model(smollm):
     frac = eng.kv.stats()["fetched_fraction"]
     assert 0.0 < frac <= 0.5 + 1e-9
     assert "Paris" in seq.text
+
+
+class _Recorder:
+    """A dense policy that also records the residual each layer's hook sees and each layer's q."""
+
+    def __init__(self, inner):
+        self.inner, self.x, self.q = inner, {}, {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def pre_attention(self, layer, x):
+        self.x[layer] = x.clone()
+
+    def attend(self, layer, q, k, v):
+        self.q[layer] = q.clone()
+        return self.inner.attend(layer, q, k, v)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "opt-post-ln"])
+def test_project_q_of_the_hooked_residual_is_the_layers_query(arch):
+    """Speculation's building block: project_q(i, x) on the residual that pre_attention(i) sees
+    reproduces layer i's own query, so it applies layer i's norm (gain, and for OPT bias) itself;
+    fed layer i-1's residual it differs (what speculation approximates)."""
+    import torch
+    from helpers import minigen_from_hf, tiny_hf_model, tiny_llama_config, tiny_opt_config
+    cfg = (tiny_llama_config() if arch == "llama"
+           else tiny_opt_config(do_layer_norm_before=arch == "opt"))
+    model = minigen_from_hf(tiny_hf_model(cfg))
+    with torch.no_grad():   # norm gains far from 1 and different per layer, as in real models
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1 and name.endswith("weight"):
+                p.copy_(torch.rand_like(p) * 2 + 0.1)
+    eng = Engine(model, None, policy="dense", max_seq_len=64, cuda_graph=False)
+    rec = eng.kv = _Recorder(eng.kv)
+    seq = eng.new_sequence(list(range(3, 14)))
+    eng.prefill([seq])
+    pos = torch.arange(11)
+    L = model.config.num_layers
+    for i in range(L):
+        torch.testing.assert_close(model.project_q(i, rec.x[i], pos), rec.q[i], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model.project_q(L - 1, rec.x[L - 2], pos), rec.q[L - 1], atol=1e-3)
