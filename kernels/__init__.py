@@ -40,14 +40,15 @@ class Ops:
     """
 
     NAMES = ("rms_norm", "layer_norm", "rope", "swiglu", "prefill_attention", "decode_attention",
-             "append_kv", "partial_qk", "select", "gather_kv", "sparse_attention")
+             "append_kv", "partial_qk", "select", "gather_kv", "sparse_attention", "quantize_kv", "dequantize_kv")
+    MODULE = {"quantize_kv": "quant_kv", "dequantize_kv": "quant_kv"}   # ops sharing a file
     __slots__ = ("use_triton",) + NAMES
 
     def __init__(self, use_triton: bool):
         import importlib
         self.use_triton = use_triton
         for name in self.NAMES:
-            mod = importlib.import_module(f"kernels.{name}")
+            mod = importlib.import_module(f"kernels.{self.MODULE.get(name, name)}")
             setattr(self, name, getattr(mod, name if use_triton else name + "_ref"))
 
     @classmethod

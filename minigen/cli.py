@@ -15,29 +15,44 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="KV slot capacity in tokens (default: the model's context, at most 8192)")
-    g = p.add_argument_group("infinigen policy")
+    g = p.add_argument_group("sparse policies (infinigen; --budget also h2o and window)")
     g.add_argument("--alpha", type=float, default=None,
                    help="keep tokens whose speculated logit is within alpha of the head's max "
                         "(default: 5 for Llama, 4 for OPT; 'inf' turns the threshold off)")
-    g.add_argument("--budget", type=float, default=None, help="at most this fraction of the context per KV head (default 0.2)")
+    g.add_argument("--budget", type=float, default=None,
+                   help="fraction of the context per KV head: infinigen's cap (default 0.2); the tokens h2o and "
+                        "window keep (default 0.2)")
     g.add_argument("--partial-ratio", type=float, default=None, help="skewed columns kept per head, as a fraction of D (default 0.2)")
     g.add_argument("--dense-layers", type=int, default=None, help="first layers kept dense on the GPU (default 2)")
     g.add_argument("--cpu-kv-limit", default=None,
                    help="host KV pool limit: bytes (e.g. 2000000000 or 2G) or a fraction in (0, 1] of the full pool "
                         "(e.g. 0.8); when full, the least-selected token outside the last 64 is overwritten")
+    g.add_argument("--sinks", type=int, default=None, help="window policy: first tokens always kept (default 4)")
     g.add_argument("--skew", default=None, help="skew artifact (.pt) from `python -m minigen.skew` (default: cached per model, computed on first use)")
+
+
+# which command-line policy settings each policy takes
+POLICY_FLAGS = {
+    "dense": (), "offload": (), "int4": (),
+    "infinigen": ("alpha", "budget", "partial_ratio", "dense_layers", "cpu_kv_limit"),
+    "h2o": ("budget", "dense_layers"),
+    "window": ("budget", "sinks", "dense_layers"),
+}
 
 
 def policy_opts(args) -> dict:
     """The policy settings given on the command line (only those set), checked against --policy."""
-    names = ("alpha", "budget", "partial_ratio", "dense_layers")
+    names = ("alpha", "budget", "partial_ratio", "dense_layers", "sinks")
     opts = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "cpu_kv_limit", None) is not None:
         from minigen.infinigen import parse_cpu_kv_limit
         opts["cpu_kv_limit"] = parse_cpu_kv_limit(args.cpu_kv_limit)
-    if opts and args.policy != "infinigen":
-        flags = ", ".join("--" + n.replace("_", "-") for n in opts)
-        raise ValueError(f"{flags} only apply to --policy infinigen (got --policy {args.policy})")
+    wrong = [n for n in opts if n not in POLICY_FLAGS[args.policy]]
+    if wrong:
+        flags = ", ".join("--" + n.replace("_", "-") for n in wrong)
+        takes = [p for p, f in POLICY_FLAGS.items() if all(n in f for n in wrong)]
+        raise ValueError(f"{flags} do not apply to --policy {args.policy}"
+                         + (f" (they apply to: {', '.join(takes)})" if takes else ""))
     return opts
 
 

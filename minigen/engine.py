@@ -20,8 +20,7 @@ import torch
 from minigen.kv import ContextOverflowError, DenseKV, KVPolicy, StepMeta
 from minigen.sampler import SamplingParams, make_generator, sample_no_sync
 
-POLICIES = ("dense", "offload", "infinigen", "h2o", "window")
-IMPLEMENTED_POLICIES = ("dense", "offload", "infinigen")
+POLICIES = ("dense", "offload", "infinigen", "h2o", "window", "int4")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,14 +60,17 @@ def make_policy(name: str, model, *, device, dtype, **opts) -> KVPolicy:
     """The KV policy `name` for `model`; opts are the policy's own settings (alpha, budget, ...)."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy '{name}'; choose one of {', '.join(POLICIES)}")
-    if name not in IMPLEMENTED_POLICIES:
-        raise NotImplementedError(f"policy '{name}' is not implemented in this version of minigen; "
-                                  f"available: {', '.join(IMPLEMENTED_POLICIES)}")
     cfg = model.config
     common = dict(dtype=dtype, device=device, ops=model.ops)
     if name == "infinigen":
         from minigen.infinigen import InfiniGenKV
         return InfiniGenKV(model, **common, **opts)
+    if name in ("h2o", "window"):
+        from minigen.baselines import H2OKV, WindowKV
+        return (H2OKV if name == "h2o" else WindowKV)(model, **common, **opts)
+    if name == "int4":
+        from minigen.int4 import Int4KV
+        return Int4KV(model, **common, **opts)
     if opts:
         raise ValueError(f"policy '{name}' takes no options, got {', '.join(sorted(opts))}")
     if name == "offload":
@@ -239,24 +241,45 @@ class Engine:
         return self._decode_forward(g)
 
     @torch.inference_mode()
-    def teacher_force(self, seq: Sequence, targets: list[int]) -> torch.Tensor:
-        """Prefill seq's pending tokens, then feed `targets` one decode step at a time (the policy
-        sees every step, as in generation). Returns the log-probability of each target (n,)."""
-        if seq.num_cached + len(seq.pending) + len(targets) > self.capacity:
-            raise ContextOverflowError(f"{seq.num_cached + len(seq.pending) + len(targets)} tokens exceed the "
-                                       f"{self.capacity}-token slot; lower --context or raise --max-seq-len")
-        logits = self.prefill([seq])                                         # (1, V)
-        tgt = torch.tensor(targets, device=self.device)
-        out = torch.empty(len(targets), dtype=torch.float32, device=self.device)
-        g = self._decode_graph([seq])
-        for t in range(len(targets)):
-            out[t] = torch.log_softmax(logits[0].float(), -1)[tgt[t]]
-            if t + 1 == len(targets):
+    def teacher_force(self, seqs: list[Sequence] | Sequence, targets: list[list[int]] | list[int]) -> torch.Tensor:
+        """Prefill every sequence's pending tokens, then feed each one's `targets` one decode step at a
+        time, all B sequences in one batch (the policy sees every step, as in generation: one decode
+        graph of batch B serves the whole run). Returns the log-probability of every target, (B, n) on
+        the device, n the longest target list; a shorter list is padded with 0.0 so a row's sum is its
+        total. Its sequence keeps stepping on its last target meanwhile: junk K/V past its real end
+        (positions clamp inside the slot), never read, so release such sequences afterwards.
+        One Sequence and one list -> (n,). No host sync: the caller reads the result once."""
+        if isinstance(seqs, Sequence):
+            return self.teacher_force([seqs], [targets])[0]
+        if not seqs or len(seqs) != len(targets):
+            raise ValueError(f"teacher_force needs one target list per sequence, got {len(seqs)} sequences "
+                             f"and {len(targets)} target lists")
+        lens = [len(t) for t in targets]
+        if min(lens) < 1:
+            raise ValueError("teacher_force: every sequence needs at least one target token")
+        for s, m in zip(seqs, lens):
+            if not s.pending:   # the first target's log-prob comes from the last prefilled token
+                raise ValueError("teacher_force: every sequence needs pending tokens to prefill before its targets")
+            if s.num_cached + len(s.pending) + m > self.capacity:
+                raise ContextOverflowError(f"{s.num_cached + len(s.pending) + m} tokens exceed the {self.capacity}-"
+                                           f"token slot; lower --context or raise --max-seq-len")
+        B, n, dev = len(seqs), max(lens), self.device
+        padded = [list(t) + [t[-1]] * (n - len(t)) for t in targets]
+        tgt = torch.tensor(padded, dtype=torch.int64).T.contiguous().to(dev)           # (n, B)
+        valid = (torch.arange(n)[None, :] < torch.tensor(lens)[:, None]).to(dev)     # (B, n)
+        out = torch.empty((n, B), dtype=torch.float32, device=dev)
+        logits = self.prefill(seqs)                                                   # (B, V)
+        g = self._decode_graph(seqs) if n > 1 else None
+        for t in range(n):
+            # logits of step t predict target t; step t+1 is fed target t
+            out[t] = torch.log_softmax(logits.float(), -1).gather(1, tgt[t, :, None])[:, 0]
+            if t + 1 == n:
                 break
-            g.tokens.copy_(tgt[t:t + 1])
-            logits = self.decode_step(g)
-            seq.cached_ids.append(targets[t])
-        return out
+            g.tokens.copy_(tgt[t])
+            logits = self.decode_step(g)                                              # (B, V)
+        for s, tg in zip(seqs, targets):
+            s.cached_ids += tg[:-1]          # fed and cached: every target but the last
+        return out.T.masked_fill(~valid, 0.0)                                         # (B, n)
 
     # -- generation -----------------------------------------------------------------------------
     @torch.inference_mode()

@@ -60,12 +60,9 @@ class LLM:
     def __init__(self, model: str | None = None, *, policy: str = "dense", device: str | None = None,
                  dtype: str | torch.dtype | None = None, max_seq_len: int | None = None,
                  cuda_graph: bool = True, policy_opts: dict | None = None, skew: str | None = None):
-        from minigen.engine import IMPLEMENTED_POLICIES, POLICIES
-        if policy not in POLICIES:
+        from minigen.engine import POLICIES
+        if policy not in POLICIES:   # say so before spending time on loading
             raise ValueError(f"unknown policy '{policy}'; choose one of {', '.join(POLICIES)}")
-        if policy not in IMPLEMENTED_POLICIES:   # say so before spending time on loading
-            raise NotImplementedError(f"policy '{policy}' is not implemented in this version of minigen; "
-                                      f"available: {', '.join(IMPLEMENTED_POLICIES)}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model, self.tokenizer = load_model(model, device=self.device, dtype=self.dtype)

@@ -28,7 +28,7 @@ class HostKVPool:
     def __init__(self, num_layers: int, num_slots: int, capacity: int, num_kv_heads: int, head_dim: int,
                  *, dtype: torch.dtype, pin: bool):
         shape = (num_layers, num_slots, capacity, num_kv_heads, head_dim)
-        nbytes = 2 * torch.Size(shape).numel() * (torch.finfo(dtype).bits // 8)
+        nbytes = 2 * torch.Size(shape).numel() * dtype.itemsize
         try:
             self.k = torch.empty(shape, dtype=dtype, pin_memory=pin)
             self.v = torch.empty(shape, dtype=dtype, pin_memory=pin)
@@ -73,9 +73,10 @@ class PooledKV(KVPolicy):
         self.prefill_k = self.prefill_v = None
         self._num_slots = num_slots
 
-    def _gpu(self, shape) -> torch.Tensor:
+    def _gpu(self, shape, dtype: torch.dtype | None = None, zero: bool = False) -> torch.Tensor:
         try:
-            return torch.empty(shape, dtype=self.dtype, device=self.device)
+            make = torch.zeros if zero else torch.empty
+            return make(shape, dtype=dtype or self.dtype, device=self.device)
         except torch.OutOfMemoryError:
             raise torch.OutOfMemoryError(
                 f"GPU staging buffer {tuple(shape)} does not fit; lower the batch or --max-seq-len") from None
@@ -104,14 +105,19 @@ class PooledKV(KVPolicy):
             self.prefill_k = self._gpu((self._num_slots, self._capacity, self.num_kv_heads, self.head_dim))
             self.prefill_v = self._gpu(self.prefill_k.shape)
         sk, sv = self.prefill_k, self.prefill_v                              # (S, T, Hkv, D)
-        for b, (slot, n0) in enumerate(zip(meta.host_slots, meta.host_start)):
-            if n0:   # a continued conversation: its cached tokens come back first
-                sk[b, :n0].copy_(self.pool.k[pool_layer, slot, :n0], non_blocking=True)
-                sv[b, :n0].copy_(self.pool.v[pool_layer, slot, :n0], non_blocking=True)
+        self._restore_prefix(pool_layer)
         sk[self._prefill_rows, meta.positions] = k
         sv[self._prefill_rows, meta.positions] = v
         return ops.prefill_attention(q, sk.permute(0, 2, 1, 3), sv.permute(0, 2, 1, 3), meta.cu_seqlens_q,
                                      meta.start_pos, self._prefill_slots, self.sm_scale, meta.max_seqlen_q)
+
+    def _restore_prefix(self, pool_layer: int) -> None:
+        """A continued conversation: each sequence's cached tokens come back to the prefill
+        staging buffer (S, T, Hkv, D) before its new tokens join them."""
+        for b, (slot, n0) in enumerate(zip(self.meta.host_slots, self.meta.host_start)):
+            if n0:
+                self.prefill_k[b, :n0].copy_(self.pool.k[pool_layer, slot, :n0], non_blocking=True)
+                self.prefill_v[b, :n0].copy_(self.pool.v[pool_layer, slot, :n0], non_blocking=True)
 
     def close(self) -> None:
         if self.is_cuda:
@@ -134,9 +140,12 @@ class OffloadKV(PooledKV):
         shape = (2, num_slots, max_seq_len, self.num_kv_heads, self.head_dim)   # double buffer
         self.stage_k, self.stage_v = self._gpu(shape), self._gpu(shape)
         self.prefill_k, self.prefill_v = self.stage_k[0], self.stage_v[0]   # prefill reuses buffer 0
+        self._make_events()
+
+    def _make_events(self) -> None:
         if self.is_cuda:
-            self.fetched = [torch.cuda.Event() for _ in range(self.num_layers)]
-            self.buf_free = [torch.cuda.Event(), torch.cuda.Event()]
+            self.fetched = [torch.cuda.Event() for _ in range(self.num_layers)]   # layer i's KV staged
+            self.buf_free = [torch.cuda.Event(), torch.cuda.Event()]              # main done with buffer
 
     def begin(self, meta) -> None:
         super().begin(meta)

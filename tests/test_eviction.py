@@ -213,10 +213,10 @@ def test_parse_cpu_kv_limit_invalid(text):
 
 
 def test_policy_opts_cpu_kv_limit():
-    ns = dict(alpha=None, budget=None, partial_ratio=None, dense_layers=None)
+    ns = dict(alpha=None, budget=None, partial_ratio=None, dense_layers=None, sinks=None)
     assert policy_opts(argparse.Namespace(policy="infinigen", cpu_kv_limit="0.5", **ns)) == {"cpu_kv_limit": 0.5}
     assert policy_opts(argparse.Namespace(policy="infinigen", cpu_kv_limit="2G", **ns)) == {"cpu_kv_limit": 2**31}
-    with pytest.raises(ValueError, match="only apply to --policy infinigen"):
+    with pytest.raises(ValueError, match="do not apply to --policy offload"):
         policy_opts(argparse.Namespace(policy="offload", cpu_kv_limit="0.5", **ns))
     with pytest.raises(ValueError, match="--cpu-kv-limit"):
         policy_opts(argparse.Namespace(policy="infinigen", cpu_kv_limit="lots", **ns))
