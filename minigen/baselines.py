@@ -277,7 +277,8 @@ class H2OKV(_BudgetKV):
         total = n0 + n
         kf = keys[:, None, :total].float()                                     # (Hkv, 1, total, D)
         t = torch.arange(total, device=q.device)
-        chunk = max(1, 2**22 // (Hkv * G * total))                             # <= 16 MiB of fp32 scores
+        # <= 16 MiB of fp32 scores per chunk on the CPU, 256 MiB on a GPU (fewer, larger launches)
+        chunk = max(1, (2**26 if q.is_cuda else 2**22) // (Hkv * G * total))
         for c0 in range(0, n, chunk):
             qc = q[c0:c0 + chunk].float()
             c = qc.shape[0]
