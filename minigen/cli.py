@@ -22,7 +22,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", type=float, default=None,
                    help="fraction of the context per KV head: infinigen's cap (default 0.2); the tokens h2o and "
                         "window keep (default 0.2)")
-    g.add_argument("--partial-ratio", type=float, default=None, help="skewed columns kept per head, as a fraction of D (default 0.2)")
+    g.add_argument("--partial-ratio", type=float, default=None, help="skewed columns kept per head, as a fraction of D (default 0.2 for D >= 128, else 0.5)")
     g.add_argument("--dense-layers", type=int, default=None, help="first layers kept dense on the GPU (default 2)")
     g.add_argument("--cpu-kv-limit", default=None,
                    help="host KV pool limit: bytes (e.g. 2000000000 or 2G) or a fraction in (0, 1] of the full pool "

@@ -52,6 +52,15 @@ EVICT_POLICIES = ("counter", "fifo")
 _SUFFIX = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
+def default_partial_ratio(head_dim: int) -> float:
+    """Skewed columns kept per head, as a fraction of D: the artifact's 0.2 for D >= 128 (25
+    columns for Llama-2/OPT), 0.5 for smaller heads. Measured on the default model (D = 64): at
+    0.2 (12 columns) the speculated scores miss the tokens that passkey retrieval copies (0 of 2
+    retrieved at 512 tokens, where exact selection of the same share retrieves both), at 0.5 they
+    do not (bench/results/issue4/)."""
+    return 0.2 if head_dim >= 128 else 0.5
+
+
 def parse_cpu_kv_limit(text) -> int | float:
     """`--cpu-kv-limit`: bytes as an int (suffixes K/M/G/T, powers of 1024, e.g. "2G") or a
     fraction of the full pool in (0, 1] (a number with a decimal point, e.g. "0.5")."""
@@ -88,7 +97,7 @@ class InfiniGenKV(PooledKV):
     skip_gather = False   # benchmarks set it to time a step without the PCIe gather (compute alone)
 
     def __init__(self, model, *, dtype, device, ops, alpha: float | None = None, budget: float = 0.2,
-                 partial_ratio: float = 0.2, dense_layers: int = 2, skew=None,
+                 partial_ratio: float | None = None, dense_layers: int = 2, skew=None,
                  cpu_kv_limit: int | float | str | None = None, evict: str = "counter", evict_window: int = 64):
         cfg = model.config
         super().__init__(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device,
@@ -98,6 +107,8 @@ class InfiniGenKV(PooledKV):
                              f"speculate from), got {dense_layers}")
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"--budget must be in (0, 1], got {budget}")
+        if partial_ratio is None:
+            partial_ratio = default_partial_ratio(cfg.head_dim)
         if not 0.0 < partial_ratio <= 1.0:
             raise ValueError(f"--partial-ratio must be in (0, 1], got {partial_ratio}")
         self.alpha = DEFAULT_ALPHA[cfg.arch] if alpha is None else alpha

@@ -78,3 +78,13 @@ def test_project_q_of_the_hooked_residual_is_the_layers_query(arch):
     for i in range(L):
         torch.testing.assert_close(model.project_q(i, rec.x[i], pos), rec.q[i], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(model.project_q(L - 1, rec.x[L - 2], pos), rec.q[L - 1], atol=1e-3)
+
+
+def test_default_partial_ratio_by_head_dim(smollm):
+    from minigen.infinigen import InfiniGenKV, default_partial_ratio
+    assert default_partial_ratio(128) == 0.2 and default_partial_ratio(64) == 0.5
+    model, _ = smollm
+    kv = InfiniGenKV(model, dtype=model.lm_head.weight.dtype, device="cpu", ops=model.ops)
+    assert kv.R == model.config.head_dim // 2 == 32
+    kv = InfiniGenKV(model, dtype=model.lm_head.weight.dtype, device="cpu", ops=model.ops, partial_ratio=0.2)
+    assert kv.R == 12
