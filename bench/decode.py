@@ -288,6 +288,13 @@ def time_real_text(model, tokenizer, *, policy: str, batch: int, context: int, s
     torch.cuda.reset_peak_memory_stats()
     eng = Engine(model, tokenizer, policy=policy, max_batch=batch, max_seq_len=context + steps + 1,
                  max_prefill_tokens=16384, policy_opts=opts)
+    # warm-up on short prompts: kernel compilation and the batch's CUDA-graph capture happen here,
+    # not inside the timed run (the decode graph of a batch size is reused across generate calls)
+    warm = [eng.new_sequence(ids[b: b + 64]) for b in range(batch)]
+    for _ in eng.generate(warm, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)):
+        pass
+    for s in warm:
+        eng.release(s)
     seqs = [eng.new_sequence(ids[(b * stride) % (len(ids) - context + 1):][:context]) for b in range(batch)]
     t0 = time.perf_counter()
     sp = SamplingParams(max_new_tokens=steps, temperature=0, ignore_eos=True)

@@ -155,10 +155,17 @@ def plot(rows: list[dict], out: Path) -> bool:
             if r["policy"] == "dense":
                 ax.axhline(r["ppl"], color="k", lw=1, label=f"dense {r['ppl']:.2f}")
         for pol, st in style.items():
-            pts = sorted((r["fetched_fraction"], r["ppl"]) for r in sub if r["policy"] == pol)
-            if pts:
-                ax.plot(*zip(*pts), st, label=pol)
+            # infinigen: one line per partial ratio (the skewed columns change its accuracy most)
+            for ratio in sorted({r["opts"].get("partial_ratio") for r in sub if r["policy"] == pol}, key=str):
+                pts = sorted((r["fetched_fraction"], r["ppl"]) for r in sub
+                             if r["policy"] == pol and r["opts"].get("partial_ratio") == ratio)
+                name = pol + (f" r={ratio}" if ratio is not None else "")
+                ax.plot(*zip(*pts), st if ratio in (None, 0.5) else st.replace("-", ":"), label=name,
+                        alpha=1.0 if ratio in (None, 0.5) else 0.6)
         ax.set_xscale("log")
+        ticks = [0.02, 0.05, 0.1, 0.2, 0.3]
+        ax.set_xticks(ticks, [f"{t:.0%}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("mean fraction of the KV read per decode step")
         ax.set_ylabel("perplexity")
         ax.set_title(f"SmolLM2-135M, context {ctx}")
@@ -180,7 +187,21 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--choice-per-length", type=int, default=30, help="choice tasks per context length")
     p.add_argument("--quick", action="store_true", help="smoke run: context 256, three configs")
+    p.add_argument("--render", nargs="*", metavar="JSONL",
+                   help="only rebuild fidelity.md and the plot in --out from results files (runs split "
+                        "over several invocations: pass each one's results.jsonl)")
     args = p.parse_args(argv)
+    if args.render is not None:
+        out = Path(args.out)
+        files = [Path(f) for f in args.render] or [out / "results.jsonl"]
+        rows = [json.loads(x) for f in files for x in f.read_text().splitlines() if x.strip()]
+        out.mkdir(parents=True, exist_ok=True)
+        if any(f != out / "results.jsonl" for f in files):
+            (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_report(rows, out, rows[0].get("header", "") if rows else "")
+        plot(rows, out)
+        print(f"wrote {out}/fidelity.md from {len(rows)} results")
+        return 0
     from minigen.llm import LLM
     from minigen.skew import load_skew_for
     llm = LLM(None, device=args.device)            # one loaded model; policies switch per run
@@ -200,6 +221,7 @@ def main(argv=None) -> int:
               f"`python bench/fidelity.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip())
     with open(out / "results.jsonl", "w") as f:
         def emit(r):
+            r["header"] = header
             rows.append(r)
             f.write(json.dumps(r) + "\n")
             f.flush()

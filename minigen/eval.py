@@ -335,6 +335,8 @@ def run_choice(llm: LLM, tasks: list[dict], progress: bool = False) -> dict:
 
 
 def cmd_choice(args) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
     tasks = load_tasks(args.tasks, args.limit)
     t0 = time.perf_counter()
     llm = make_llm(args, args.max_seq_len)
