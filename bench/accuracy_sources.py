@@ -1,0 +1,107 @@
+"""Where does infinigen lose accuracy? Decode-path perplexity of the default model with the
+selection made three ways, so the error sources separate:
+    spec            minigen's speculation (previous layer's residual, partial keys)
+    oracle          layer i's own query against its full keys (exact scores, same threshold/cap)
+    oracle_partial  layer i's own query against the partial keys
+and the skewed-column choice of spec varied (sum: |q|+|k| column sums, minigen's; prod; var).
+
+    python bench/accuracy_sources.py CONTEXT PREFIX NDOCS mode:alpha:budget:ratio[:score] ...
+    e.g. python bench/accuracy_sources.py 8000 6000 2 dense:0:0:0 spec:5:0.2:0.5 oracle:5:0.2:0.2
+
+Outputs one JSON line per configuration. (bench/results/issue4/accuracy_*.jsonl; the "renorm"
+rows there were measured with a subclass applying the next layer's norm gain to the previous
+layer's normalized input, before minigen's speculation did so itself.)"""
+import sys, math, json, time, torch
+from pathlib import Path
+ROOT = Path.cwd(); sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "bench"))
+from minigen.llm import load_model, resolve_device, resolve_dtype
+from minigen.skew import load_skew_for
+from minigen.infinigen import InfiniGenKV
+from minigen.engine import Engine
+import fidelity
+
+CTX, PREFIX, NDOCS = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+CONFIGS = [c.split(":") for c in sys.argv[4:]]   # mode:alpha:budget:ratio:score
+
+class Oracle(InfiniGenKV):
+    """Selection at layer i from its own q: full keys (oracle) or the partial keys (oracle_partial)."""
+    graph_safe = False
+    mode = "oracle"
+    def pre_attention(self, layer, h):
+        return
+    def attend(self, layer, q, k, v):
+        meta = self.meta
+        if layer < self.dense_layers or meta.is_prefill:
+            return super().attend(layer, q, k, v)
+        j, buf, B, G = layer - self.dense_layers, layer % 2, q.shape[0], self.group
+        n_valid = meta.seq_lens - 1
+        qg = q.float().view(B, self.num_kv_heads, G, -1)
+        if self.mode == "oracle":
+            kp, _ = self.pool.heads(j)
+            K = kp[meta.slot_idx.long().cpu()].to(q.device).float()
+            s = torch.einsum("bgjd,bgtd->bgjt", qg, K).reshape(B, -1, K.shape[2])
+        else:
+            a = self.a_sel[j, meta.token_slot].float()
+            pq = torch.einsum("bgjd,bgdr->bgjr", qg, a).reshape(B, -1, self.R)
+            s = self.ops.partial_qk(pq.to(q.dtype), self.pk[j], n_valid, meta.slot_idx)
+        s = (s * self.sm_scale).contiguous()
+        idx, count = self.ops.select(s, n_valid, self.alpha, self.budget, G, self.max_select,
+                                     out_idx=self.idx[buf, :B], out_count=self.count[buf, :B])
+        self._num_fetched += count.sum(); self._num_candidates += n_valid.sum() * self.num_kv_heads
+        self._gather(layer)
+        return super().attend(layer, q, k, v)
+
+class Scored(InfiniGenKV):
+    """Column choice variants: sum |q| + sum |k| (current), product, product with centred keys."""
+    score = "sum"
+    def _prefill_partial_keys(self, layer, q, k):
+        meta, j, G = self.meta, layer - self.dense_layers, self.group
+        A = self.skew[layer]
+        start = 0
+        for slot, n0, n in zip(meta.host_slots, meta.host_start, meta.host_new):
+            qs = q[start:start + n].float().view(n, self.num_kv_heads, G, -1)
+            ks = k[start:start + n].float()
+            if n0 == 0:
+                q_sk = torch.einsum("ngjd,gde->ngje", qs, A)
+                k_sk = torch.einsum("ngd,gde->nge", ks, A)
+                if self.score == "sum":
+                    score = q_sk.abs().sum((0, 2)) + k_sk.abs().sum(0)
+                elif self.score == "prod":
+                    score = q_sk.abs().sum((0, 2)) * k_sk.abs().sum(0)
+                else:   # E[q_d^2] * Var(k_d)
+                    score = q_sk.pow(2).mean((0, 2)) * k_sk.var(0)
+                sel = score.topk(self.R, dim=-1).indices.sort(-1).values
+                self.a_sel[j, slot] = torch.gather(A, 2, sel[:, None, :].expand(-1, A.shape[1], -1)).to(self.dtype)
+            pk = torch.einsum("ngd,gdr->ngr", ks, self.a_sel[j, slot].float())
+            self.pk[j, slot, :, n0:n0 + n] = pk.transpose(0, 1).to(self.dtype)
+            start += n
+
+dev = resolve_device(None); dt = resolve_dtype(None, dev)
+model, tok = load_model(None, device=dev, dtype=dt)
+skew = load_skew_for(model, tok, None)
+docs = list(fidelity.documents(tok, ROOT / "data", CTX).items())[:: max(1, 8 // NDOCS)][:NDOCS]
+for mode, a, b, r, *sc in CONFIGS:
+    t0 = time.time(); nlls = []; fr = []
+    for name, ids in docs:
+        if mode == "dense":
+            eng = Engine(model, tok, policy="dense", max_batch=1, max_seq_len=CTX + 1)
+        else:
+            opts = dict(alpha=float(a), budget=float(b), partial_ratio=float(r), skew=skew)
+            eng = Engine(model, tok, policy="dense", max_batch=1, max_seq_len=CTX + 1)
+            eng.kv.close()
+            if mode == "spec":
+                Scored.score = sc[0] if sc else "sum"
+                kv = Scored(model, dtype=dt, device=dev, ops=model.ops, **opts)
+            else:
+                Oracle.mode = mode
+                kv = Oracle(model, dtype=dt, device=dev, ops=model.ops, **opts)
+            kv.allocate(1, CTX + 1); eng.kv = kv; eng.use_graph = eng.use_graph and kv.graph_safe
+        seq = eng.new_sequence(ids[:PREFIX])
+        lp = eng.teacher_force(seq, ids[PREFIX:CTX])
+        nlls.append(-lp.double().mean().item())
+        fr.append(eng.kv.stats().get("fetched_fraction", 1.0))
+        eng.close()
+    nll = sum(nlls) / len(nlls)
+    print(json.dumps(dict(mode=mode, score=sc[0] if sc else "", alpha=a, budget=b, ratio=r, ctx=CTX, ppl=round(math.exp(nll), 3),
+                          per=[round(math.exp(x), 3) for x in nlls], frac=round(sum(fr) / len(fr), 4),
+                          s=round(time.time() - t0, 1))), flush=True)
