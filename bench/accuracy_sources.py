@@ -47,7 +47,7 @@ class Oracle(InfiniGenKV):
         s = (s * self.sm_scale).contiguous()
         idx, count = self.ops.select(s, n_valid, self.alpha, self.budget, G, self.max_select,
                                      out_idx=self.idx[buf, :B], out_count=self.count[buf, :B])
-        self._num_fetched += count.sum(); self._num_candidates += n_valid.sum() * self.num_kv_heads
+        self._num_fetched += count.sum()   # candidates: counted once per step in begin
         self._gather(layer)
         return super().attend(layer, q, k, v)
 

@@ -185,8 +185,13 @@ class InfiniGenKV(PooledKV):
     def begin(self, meta) -> None:
         super().begin(meta)
         self.dense.begin(meta)
-        if meta.is_prefill and self.limited:
-            self._plan = self._prefill_plan(meta)
+        if meta.is_prefill:
+            if self.limited:
+                self._plan = self._prefill_plan(meta)
+            return
+        # the same for every pooled layer of this step: built (and counted) once, not per layer
+        self._n_valid = torch.clamp(meta.seq_lens - 1, max=self.rows)            # cached rows, all live
+        self._num_candidates += self._n_valid.sum() * (self.num_kv_heads * self.pool_layers)
 
     def _prefill_plan(self, meta):
         """Which new tokens a limited pool keeps, and in which rows (host lengths only): all of
@@ -246,7 +251,7 @@ class InfiniGenKV(PooledKV):
         a = self.a_sel[j, meta.token_slot]                                     # (B, Hkv, D, R)
         # scaled like the real attention logits, so alpha is a gap in logit units (as in the paper)
         pq = torch.einsum("bgjd,bgdr->bgjr", q.view(B, self.num_kv_heads, G, -1), a).reshape(B, -1, R) * self.sm_scale
-        n_valid = torch.clamp(meta.seq_lens - 1, max=self.rows)                # cached rows, all live
+        n_valid = self._n_valid                                                # (B,) from begin
         scores = ops.partial_qk(pq, self.pk[j], n_valid, meta.slot_idx)        # (B, H, P) fp32
         idx, count = ops.select(scores, n_valid, self.alpha, self.budget, G, self.max_select,
                                 out_idx=self.idx[buf, :B], out_count=self.count[buf, :B])
@@ -255,7 +260,6 @@ class InfiniGenKV(PooledKV):
             slots = meta.slot_idx.long()[:, None, None].expand_as(idx)
             self.counter[j].index_put_((slots, idx.long()), live.to(torch.int32), accumulate=True)
         self._num_fetched += count.sum()
-        self._num_candidates += n_valid.sum() * self.num_kv_heads
 
     def _gather(self, i: int) -> None:
         """Layer i's selected K/V rows from the pinned pool into sel_k/sel_v[i % 2]."""
