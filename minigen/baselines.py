@@ -127,9 +127,7 @@ class _BudgetKV(KVPolicy):
                 self._prefill_done(layer, q)
             return out
         B, j = q.shape[0], layer - self.dense_layers
-        kc, vc = self.dense.k_cache[layer], self.dense.v_cache[layer]      # (S, Hkv, T, D)
-        kc[meta.token_slot, :, meta.positions] = k                          # the cache stays whole
-        vc[meta.token_slot, :, meta.positions] = v
+        kc, vc = self.dense.store(layer, k, v)                              # the cache stays whole
         idx, count = self._kept_idx(j, B), self.count[:B]                   # (B, Hkv, M), (B, Hkv)
         sel_k, sel_v = self.ops.gather_kv(kc, vc, idx, count, meta.slot_idx,
                                           out_k=self.sel_k[:B], out_v=self.sel_v[:B])

@@ -110,11 +110,17 @@ class DenseKV(KVPolicy):
     def capacity(self) -> int:
         return self.k_cache.shape[3]
 
-    def attend(self, layer, q, k, v):
-        meta, kc, vc = self.meta, self.k_cache[layer], self.v_cache[layer]   # (S, Hkv, T, D)
-        # store the new tokens' K/V at (slot, :, position, :)
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens' K/V at (slot, :, position, :); returns the layer's caches
+        (S, Hkv, T, D)."""
+        meta, kc, vc = self.meta, self.k_cache[layer], self.v_cache[layer]
         kc[meta.token_slot, :, meta.positions] = k
         vc[meta.token_slot, :, meta.positions] = v
+        return kc, vc
+
+    def attend(self, layer, q, k, v):
+        meta = self.meta
+        kc, vc = self.store(layer, k, v)
         if meta.is_prefill:
             return self.ops.prefill_attention(
                 q, kc, vc, meta.cu_seqlens_q, meta.start_pos, meta.slot_idx, self.sm_scale,
