@@ -56,7 +56,7 @@ def label(policy: str, opts: dict) -> str:
 
 def documents(tokenizer, data: Path, num_tokens: int) -> dict[str, list[int]]:
     """name -> the first num_tokens ids of each document (plays, and essay runs)."""
-    from minigen.eval import read_text
+    from minigen.tasks import read_text
     essays = sorted((data / "essays").glob("*.txt"))
     if not essays or not (data / "shakespeare").is_dir():
         raise FileNotFoundError(f"no texts under {data}: run `make data` first")
@@ -249,7 +249,7 @@ TASK_CONFIGS = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2, partial_r
 
 def run_task(part: str, llm, skew, args, capacity: int):
     """needle / choice through minigen.eval for each task configuration, one loaded model."""
-    from minigen.eval import clean_essay, load_tasks, read_text, run_choice, run_needle
+    from minigen.tasks import clean_essay, load_tasks, read_text, run_choice, run_needle
     configs = TASK_CONFIGS[:2] if args.quick else TASK_CONFIGS
     configs = [(p, o) for p, o in configs if not args.policies or p in args.policies.split(",")]
     if part == "needle":

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minigen.eval import clean_essay, text_files  # noqa: E402
+from minigen.tasks import clean_essay, text_files  # noqa: E402
 
 INSTRUCTIONS = ("Read the text below. After it come questions: each quotes a sentence of the text, and the "
                 "answer is the sentence that comes right after it in the text.\n\n")

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from minigen.engine import Engine
-from minigen.eval import (continuation_ids, load_tasks, needle_prompt, nll_report, passkey_found, perplexity,
-                          run_choice, run_needle, score_choices, token_nll, token_nll_decode)
+from minigen.eval import nll_report, perplexity, token_nll, token_nll_decode
+from minigen.tasks import (continuation_ids, load_tasks, needle_prompt, passkey_found, run_choice, run_needle,
+                           score_choices)
 from tests.helpers import IdTokenizer, minigen_from_hf, random_prompts, tiny_hf_model, tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
