@@ -17,24 +17,30 @@ Algorithm, one program per (b, g), every pass a loop over BLOCK_T-token blocks o
     pass 2   ns, |C|, and an optimistic compaction of C into idx (block prefix sum + running
              offset, stores below cap only). When |C| <= cap (the usual case: real attention is
              sparse) the answer is already written: two passes in all.
+             alpha = inf (a fixed fetch fraction): no pass 2, |C| = n; if n <= cap, idx = 0..n-1
+             is written without reading a score, else straight to the radix select.
     else     exact radix select of the cap-th largest ns. For ns <= 0, larger ns <=> smaller
              |ns| <=> smaller float bits of |ns| ("mag", an int in [0, 2^31); -0 and +0 agree),
-             so it is the cap-th SMALLEST mag: four 8-bit digit passes, each a 256-bin
+             so it is the cap-th SMALLEST mag: up to four 8-bit digit passes, each a 256-bin
              tl.histogram of the digit over tokens whose higher digits match the prefix found so
-             far, then a prefix sum picks the digit. Bit-exact, no float bisection.
+             far, then a prefix sum picks the digit. Bit-exact, no float bisection. Early exit:
+             when every token of the chosen digit's bucket is needed, the lower digits cannot
+             change the answer (kth = the bucket's largest mag, all its tokens kept), so the
+             remaining passes are skipped (after 16-24 bits the bucket is usually one token).
              Then one compaction pass: keep mag < kth, plus the first `need` tokens with mag == kth
              in index order (need = cap - #{mag < kth}: the tie rule, lower t wins).
-    tail     idx[count:max_select] = 0.
+    tail     idx[count:max_select] = 0; count; total += count (atomic) when a total is given.
 
 Cost per call (bytes; scores are fp32, rows re-read per pass mostly hit L2):
-    reads   passes * sum_b G * Hkv * n_b * 4   (passes = 2, or 7 when the cap binds)
+    reads   passes * sum_b G * Hkv * n_b * 4   (passes = 2 without the cap; 3-7 when it binds)
     writes  B * Hkv * (max_select + 1) * 4     (indices, zero tail, counts)
-Grid (B, Hkv): one program streams its G rows serially, so with few programs the loop is
-latency bound (~1 us per block) rather than bandwidth bound.
-Example (estimates from bytes and instruction counts, NOT measured): B=8, H=32, n=32768, i.e.
-34 MB of fp32 scores. Hkv=32: 256 programs, ~20-30 us when the cap does not bind; ~150-200 us
-when it binds in every row (4 histogram passes over 8.4 M tokens, ~3 instructions per token
-each). Hkv=8: 64 programs of 4 rows, 16 blocks per pass: ~40-60 us without the cap.
+Grid (B, Hkv): one program streams its G rows serially, so with few programs the work is bound
+by one SM per row (the 256-bin histogram: ~90 instructions per token per pass, an estimate
+from its lowering: a ballot per bit, then 8 bins per lane), not by bytes.
+Measured (H100, bench/speculation.py, captured graph, L2-warm scores; bench/results/issue3/):
+B=1, H=Hkv=32, n=8192, the cap binding at 10%: 31 us (34.7 us before the early exit, the
+alpha=inf shortcut and 8192-token blocks); the same without the cap (alpha 5): 5.7-6.2 us. Inside a
+decode step, sharing the SMs with the main stream's GEMVs, the same call took 63-87 us.
 """
 from __future__ import annotations
 
@@ -45,12 +51,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Score elements per loaded tile (BLOCK_G x BLOCK_T): 8192 fp32 over 8 warps = 32 per thread,
-# 32 KB in flight per program; BLOCK_T <= 4096 keeps the 1-D per-token work (ns, prefix sums,
-# histogram digits) at 16 per thread (sm_90: 80-125 registers, no spills; 247 at BLOCK_T 8192).
+# Score elements per loaded tile (BLOCK_G x BLOCK_T): 16384 fp32 over 16 warps = 32 per thread,
+# 64 KB in flight per program; the warps grow with BLOCK_T so that the 1-D per-token work (ns,
+# prefix sums, histogram digits) stays at 16 per thread (sm_90 at 16 per thread: 80-125
+# registers, no spills; 247 at 32 per thread). A bigger block means fewer serial block steps per
+# pass, which is what a row's latency is made of when there are few programs (B = 1).
 # Tests lower both to exercise the block loops.
-_TILE = 8192
-_MAX_BLOCK_T = 4096
+_TILE = 16384
+_MAX_BLOCK_T = 8192
 # Zero-tail block of idx.
 _BLOCK_OUT = 1024
 
@@ -68,13 +76,14 @@ def _group_ns(rows, offs_t, n, g_mask, m):
 @triton.jit
 def _select_kernel(
     # pointers
-    Scores, SeqLens, Idx, Count,
+    Scores, SeqLens, Idx, Count, Total,
     # sizes and scalars
     T, max_select, neg_alpha, budget,
     # strides (elements; the token dim is contiguous)
     stride_sb, stride_sh, stride_ib, stride_ig, stride_cb,
     # constexprs
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    ALL_CANDIDATES: tl.constexpr, HAS_TOTAL: tl.constexpr,
 ):
     # ---- which (sequence, kv head): int64 before any stride multiply
     b = tl.program_id(0).to(tl.int64)
@@ -101,15 +110,24 @@ def _select_kernel(
     m = tl.max(m_tile, axis=1)                                              # (BLOCK_G,)
     m = tl.where(g_mask, m, 0.0)       # padding rows: -inf - 0 = -inf, never -inf - -inf = NaN
 
-    # ---- pass 2: candidates ns > -alpha; count them and compact them optimistically (pos < cap)
-    num_c = tl.zeros([1], dtype=tl.int32).sum(0)  # int32 scalar carried through the loop
-    for t0 in range(0, n, BLOCK_T):
-        t = t0 + offs_t
-        ns = _group_ns(rows, t, n, g_mask, m)
-        keep = (ns > neg_alpha).to(tl.int32)                                # -inf never passes
-        pos = num_c + tl.cumsum(keep, 0) - 1                                # slot in idx
-        tl.store(idx_row + pos, t, mask=(keep != 0) & (pos < cap))
-        num_c += tl.sum(keep, 0)
+    if ALL_CANDIDATES:
+        # ---- alpha = inf: every valid token is a candidate (ns is finite for t < n), |C| = n.
+        # When they all fit, idx = 0..n-1 without reading a score; else the radix select decides.
+        num_c = n
+        if n <= cap:
+            for t0 in range(0, n, BLOCK_T):
+                t = t0 + offs_t
+                tl.store(idx_row + t, t, mask=t < n)
+    else:
+        # ---- pass 2: candidates ns > -alpha; count them and compact them optimistically (pos < cap)
+        num_c = tl.zeros([1], dtype=tl.int32).sum(0)  # int32 scalar carried through the loop
+        for t0 in range(0, n, BLOCK_T):
+            t = t0 + offs_t
+            ns = _group_ns(rows, t, n, g_mask, m)
+            keep = (ns > neg_alpha).to(tl.int32)                            # -inf never passes
+            pos = num_c + tl.cumsum(keep, 0) - 1                            # slot in idx
+            tl.store(idx_row + pos, t, mask=(keep != 0) & (pos < cap))
+            num_c += tl.sum(keep, 0)
     count = tl.minimum(num_c, cap)
 
     # Pass 2 and the re-compaction below write the same idx slots from different threads:
@@ -123,23 +141,31 @@ def _select_kernel(
         bins = tl.arange(0, 256)
         prefix = tl.zeros([1], dtype=tl.int32).sum(0)
         k = cap
+        done = tl.zeros([1], dtype=tl.int32).sum(0)
         for p in tl.static_range(4):
             SHIFT = 24 - 8 * p                                              # constexpr
-            hist = tl.zeros([256], dtype=tl.int32)
-            for t0 in range(0, n, BLOCK_T):
-                t = t0 + offs_t
-                ns = _group_ns(rows, t, n, g_mask, m)
-                mag = ns.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-                match = t < n
-                if p > 0:
-                    match = match & ((mag >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
-                hist += tl.histogram((mag >> SHIFT) & 255, 256, mask=match)
-            # smallest digit d whose inclusive count reaches k; drop the tokens below it
-            cum = tl.cumsum(hist, 0)
-            d = tl.sum((cum < k).to(tl.int32), 0)
-            k -= tl.sum(tl.where(bins < d, hist, 0), 0)
-            prefix = prefix | (d << SHIFT)
-        kth = prefix                # mag of the cap-th largest ns
+            if done == 0:
+                hist = tl.zeros([256], dtype=tl.int32)
+                for t0 in range(0, n, BLOCK_T):
+                    t = t0 + offs_t
+                    ns = _group_ns(rows, t, n, g_mask, m)
+                    mag = ns.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+                    match = t < n
+                    if p > 0:
+                        match = match & ((mag >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
+                    hist += tl.histogram((mag >> SHIFT) & 255, 256, mask=match)
+                # smallest digit d whose inclusive count reaches k; drop the tokens below it
+                cum = tl.cumsum(hist, 0)
+                d = tl.sum((cum < k).to(tl.int32), 0)
+                k -= tl.sum(tl.where(bins < d, hist, 0), 0)
+                prefix = prefix | (d << SHIFT)
+                if tl.sum(tl.where(bins == d, hist, 0), 0) == k:
+                    # the whole bucket is kept: every lower digit may be anything, so kth = the
+                    # bucket's largest mag and its k tokens all pass (ties included). Usually
+                    # saves the last pass or two: a bucket of one token is common after 16 bits.
+                    prefix = prefix | ((1 << SHIFT) - 1)
+                    done = 1
+        kth = prefix                # mag of the cap-th largest ns (or the kept bucket's largest)
         need = k                    # how many tokens with mag == kth to keep (>= 1): lowest t first
 
         # ---- re-compaction: mag < kth, plus the first `need` ties in index order
@@ -160,6 +186,8 @@ def _select_kernel(
 
     # ---- count, and zeros after it (disjoint from every slot written above: no barrier needed)
     tl.store(Count + b * stride_cb + g, count)
+    if HAS_TOTAL:                   # running total of rows selected (the fetched-fraction counter)
+        tl.atomic_add(Total, count.to(tl.int64))
     offs_o = tl.arange(0, BLOCK_OUT)
     zeros = tl.zeros([BLOCK_OUT], dtype=tl.int32)
     for j0 in range((count // BLOCK_OUT) * BLOCK_OUT, max_select, BLOCK_OUT):
@@ -172,7 +200,8 @@ def _launch_config(T: int, group_size: int) -> tuple[int, int, int]:
     around the CTA (a wrapped, replicated element would be counted twice by tl.histogram)."""
     block_g = triton.next_power_of_2(group_size)
     block_t = max(32, min(triton.next_power_of_2(max(T, 1)), _TILE // block_g, _MAX_BLOCK_T))
-    num_warps = 8 if block_g * block_t >= 4096 and block_t >= 256 else max(1, min(4, block_t // 32))
+    # <= 16 per-token (1-D) elements and <= 32 tile (2-D) elements per thread
+    num_warps = min(16, block_t // 32, max(4, block_t // 512, block_g * block_t // 1024))
     return block_g, block_t, num_warps
 
 
@@ -217,12 +246,20 @@ def _check_out(out_idx, out_count, B, Hkv, max_select, device):
     return out_idx, out_count
 
 
+def _check_total(total, device) -> None:
+    if total is not None and (total.shape != () or total.dtype != torch.int64 or total.device != device):
+        raise ValueError(f"select: total must be an int64 scalar tensor on {device}, got "
+                         f"{tuple(total.shape)} {total.dtype} on {total.device}")
+
+
 def select(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budget: float,
            group_size: int, max_select: int, out_idx: torch.Tensor | None = None,
-           out_count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           out_count: torch.Tensor | None = None, total: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens to fetch per (sequence, kv head) from speculated logits scores (B, H, T) fp32:
     returns idx (B, Hkv, max_select) int32 (ascending, zero-padded) and count (B, Hkv) int32.
     Hkv = H // group_size. alpha, budget: Python floats; max_select: the idx buffer width.
+    total: an optional int64 scalar tensor that count.sum() is added to (a running counter).
     No host syncs: capturable in a CUDA graph. seq_lens[b] > T is clamped to T.
     """
     # ---- check shapes and scalars (metadata only: no device reads)
@@ -231,15 +268,18 @@ def select(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budget: f
         raise ValueError("select: scores need a contiguous token dim (stride(-1) 1)")
     # ---- allocate or take out=
     out_idx, out_count = _check_out(out_idx, out_count, B, Hkv, max_select, scores.device)
+    _check_total(total, scores.device)
     if B == 0 or Hkv == 0:
         return out_idx, out_count
     # ---- launch: one program per (sequence, kv head)
     block_g, block_t, num_warps = _launch_config(T, group_size)
+    neg_alpha = _to_f32(-float(alpha))
     _select_kernel[(B, Hkv)](
-        scores, seq_lens, out_idx, out_count,
-        T, max_select, _to_f32(-float(alpha)), _to_f32(min(float(budget), 2.0**31)),
+        scores, seq_lens, out_idx, out_count, out_count if total is None else total,
+        T, max_select, neg_alpha, _to_f32(min(float(budget), 2.0**31)),
         scores.stride(0), scores.stride(1), out_idx.stride(0), out_idx.stride(1), out_count.stride(0),
         GROUP=group_size, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_OUT=_BLOCK_OUT,
+        ALL_CANDIDATES=neg_alpha == -math.inf, HAS_TOTAL=total is not None,
         num_warps=num_warps,
     )
     return out_idx, out_count
@@ -247,12 +287,14 @@ def select(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budget: f
 
 def select_ref(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budget: float,
                group_size: int, max_select: int, out_idx: torch.Tensor | None = None,
-               out_count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               out_count: torch.Tensor | None = None, total: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch selection with the kernel's exact semantics (fp32 ns, fp32 cap product, ties
     to the lower index), vectorized over (B, Hkv) with stable sorts: no host syncs. O(T log T)
     per row and a few (B, H, T) temporaries: meant for the CPU path and for tests."""
     B, H, T, Hkv = _check_args(scores, seq_lens, alpha, budget, group_size, max_select)
     out_idx, out_count = _check_out(out_idx, out_count, B, Hkv, max_select, scores.device)
+    _check_total(total, scores.device)
     dev = scores.device
     if T == 0:                                                               # nothing to select
         return out_idx.zero_(), out_count.zero_()
@@ -284,4 +326,6 @@ def select_ref(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budge
     idx = torch.where(j < count[..., None], idx, 0)
     out_idx.copy_(idx)
     out_count.copy_(count)
+    if total is not None:
+        total += count.sum()
     return out_idx, out_count

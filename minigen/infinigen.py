@@ -95,6 +95,11 @@ class InfiniGenKV(PooledKV):
     name = "infinigen"
     graph_safe = True     # the decode step reads only device tensors: capturable, streams and all
     skip_gather = False   # benchmarks set it to time a step without the PCIe gather (compute alone)
+    # CUDA priority of the speculation and gather streams (lower = higher; 0 = the main stream's).
+    # Their kernels are on the step's critical path (layer i's gather waits on its speculation,
+    # layer i's attention on the gather) while main's are not when the transfer is the longer part:
+    # at high priority the block scheduler places their few programs first as SMs free up.
+    side_priority = -1
 
     def __init__(self, model, *, dtype, device, ops, alpha: float | None = None, budget: float = 0.2,
                  partial_ratio: float | None = None, dense_layers: int = 2, skew=None,
@@ -161,8 +166,8 @@ class InfiniGenKV(PooledKV):
         self.idx = torch.zeros((2, S, Hkv, self.max_select), dtype=torch.int32, device=dev)
         self.count = torch.zeros((2, S, Hkv), dtype=torch.int32, device=dev)
         if self.is_cuda:
-            self.side = torch.cuda.Stream(self.device)            # speculation
-            self.gather_stream = torch.cuda.Stream(self.device)   # PCIe gathers
+            self.side = torch.cuda.Stream(self.device, priority=self.side_priority)            # speculation
+            self.gather_stream = torch.cuda.Stream(self.device, priority=self.side_priority)   # PCIe gathers
             self.spec_done = [torch.cuda.Event() for _ in range(self.num_layers)]
             self.h_ready = [torch.cuda.Event() for _ in range(self.num_layers)]
             self.ready = [torch.cuda.Event() for _ in range(self.num_layers)]
@@ -254,12 +259,12 @@ class InfiniGenKV(PooledKV):
         n_valid = self._n_valid                                                # (B,) from begin
         scores = ops.partial_qk(pq, self.pk[j], n_valid, meta.slot_idx)        # (B, H, P) fp32
         idx, count = ops.select(scores, n_valid, self.alpha, self.budget, G, self.max_select,
-                                out_idx=self.idx[buf, :B], out_count=self.count[buf, :B])
+                                out_idx=self.idx[buf, :B], out_count=self.count[buf, :B],
+                                total=self._num_fetched)                       # counts rows fetched
         if self.limited:   # every KV head that selected a row counts once for it
             live = torch.arange(self.max_select, device=idx.device) < count[..., None]   # (B, Hkv, M)
             slots = meta.slot_idx.long()[:, None, None].expand_as(idx)
             self.counter[j].index_put_((slots, idx.long()), live.to(torch.int32), accumulate=True)
-        self._num_fetched += count.sum()
 
     def _gather(self, i: int) -> None:
         """Layer i's selected K/V rows from the pinned pool into sel_k/sel_v[i % 2]."""

@@ -72,9 +72,14 @@ def run_both(scores, seq_lens, alpha, budget, G, max_select):
     B, H, _ = scores.shape
     out_idx = torch.full((B, H // G, max_select), POISON, dtype=torch.int32, device=scores.device)
     out_count = torch.full((B, H // G), POISON, dtype=torch.int32, device=scores.device)
-    idx, count = select(scores, seq_lens, alpha, budget, G, max_select, out_idx=out_idx, out_count=out_count)
+    start = 1000 + int(seq_lens.sum())                   # the running total starts anywhere
+    total = torch.tensor(start, dtype=torch.int64, device=scores.device)
+    ref_total = total.clone()
+    idx, count = select(scores, seq_lens, alpha, budget, G, max_select, out_idx=out_idx, out_count=out_count,
+                        total=total)
     assert idx is out_idx and count is out_count
-    ref_idx, ref_count = select_ref(scores, seq_lens, alpha, budget, G, max_select)
+    ref_idx, ref_count = select_ref(scores, seq_lens, alpha, budget, G, max_select, total=ref_total)
+    assert total.item() == ref_total.item() == start + int(ref_count.sum()), "total != start + sum(count)"
     assert ref_idx.dtype == torch.int32 and ref_count.dtype == torch.int32
     assert torch.equal(count, ref_count), f"counts differ:\nkernel {count.tolist()}\nref    {ref_count.tolist()}"
     bad = (idx != ref_idx).nonzero().tolist()
@@ -102,6 +107,7 @@ KNOBS = {
     "loose":        (2.0, 1.0, 400),
     "maxsel-binds": (30.0, 1.0, 8),
     "all":          (float("inf"), 1.0, 300),
+    "inf-binds":    (float("inf"), 0.1, 64),      # threshold off, fixed fraction: radix straight away
 }
 
 
@@ -251,6 +257,8 @@ def test_select_bad_args():
         select(s.half(), seq_lens, 4.0, 0.2, 1, 4)
     with pytest.raises(ValueError, match="out_idx"):
         select(s, seq_lens, 4.0, 0.2, 1, 4, out_idx=torch.empty(1, 4, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="total"):
+        select(s, seq_lens, 4.0, 0.2, 1, 4, total=torch.zeros(1, dtype=torch.int64))
 
 
 # ---------------------------------------------------------------- GPU
