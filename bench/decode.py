@@ -175,9 +175,12 @@ def cuda_ms(fn, n: int) -> float:
     return start.elapsed_time(end) / n
 
 
-def time_minigen(model, *, policy: str, batch: int, context: int, steps: int, opts: dict | None = None) -> dict:
+def warm_engine(model, *, policy: str, batch: int, context: int, steps: int, opts: dict | None = None):
+    """An Engine whose `batch` sequences hold `context` tokens (random K/V, or a real prefill where
+    the policy keeps state beyond K/V), its decode graph captured and warmed up. Returns
+    (engine, graph, sequences, reset); reset(graph) puts a decode graph of this engine (the one
+    returned, or one captured later for the same sequences) back at `context` tokens."""
     from minigen.engine import Engine
-    from minigen.sampler import SamplingParams, sample_no_sync
     cfg = model.config
     eng = Engine(model, _NoTokenizer(), policy=policy, max_batch=batch, max_seq_len=context + steps + 8,
                  policy_opts=opts)
@@ -194,14 +197,21 @@ def time_minigen(model, *, policy: str, batch: int, context: int, steps: int, op
     g = eng._decode_graph(seqs)
     g.tokens.random_(0, cfg.vocab_size)
 
-    def reset():   # back to a context of `context` tokens before each timed run
-        g.positions.fill_(context)
-        g.seq_lens.fill_(context + 1)
-        g.host_start = [context] * batch
+    def reset(graph):   # back to a context of `context` tokens before each timed run
+        graph.positions.fill_(context)
+        graph.seq_lens.fill_(context + 1)
+        graph.host_start = [context] * batch
 
     for _ in range(3):          # warm-up (kernel compilation, graph capture)
         eng.decode_step(g)
-    reset()
+    reset(g)
+    return eng, g, seqs, reset
+
+
+def time_minigen(model, *, policy: str, batch: int, context: int, steps: int, opts: dict | None = None) -> dict:
+    from minigen.sampler import SamplingParams, sample_no_sync
+    cfg = model.config
+    eng, g, seqs, reset = warm_engine(model, policy=policy, batch=batch, context=context, steps=steps, opts=opts)
     step_ms = cuda_ms(lambda: eng.decode_step(g), steps)      # (a) the decode step alone
     res = dict(step_ms=step_ms)
     kv = eng.kv
@@ -227,7 +237,7 @@ def time_minigen(model, *, policy: str, batch: int, context: int, steps: int, op
         g = eng._decode_graph(seqs)
         g.tokens.random_(0, cfg.vocab_size)
         eng.decode_step(g)
-        reset()
+        reset(g)
         res["compute_ms"] = cuda_ms(lambda: eng.decode_step(g), steps)
         kv.skip_gather = False
         eng._graphs.clear()
@@ -235,7 +245,7 @@ def time_minigen(model, *, policy: str, batch: int, context: int, steps: int, op
         g.tokens.random_(0, cfg.vocab_size)
         eng.decode_step(g)
     # (c) the engine loop: step + sampling + one host sync per token
-    reset()
+    reset(g)
     sp = SamplingParams(temperature=0)
     torch.cuda.synchronize()
     t0 = time.perf_counter()

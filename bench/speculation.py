@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.decode import SHAPES, hbm_copy_gbps  # noqa: E402
+from bench.decode import SHAPES, cuda_ms, hbm_copy_gbps  # noqa: E402
 from kernels import Ops  # noqa: E402
 
 
@@ -43,14 +43,7 @@ def graph_us(fn, repeat: int, iters: int = 20) -> float:
         for _ in range(repeat):
             fn()
     g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (iters * repeat)
+    return cuda_ms(g.replay, iters) * 1000 / repeat
 
 
 def main(argv=None) -> int:
@@ -100,7 +93,7 @@ def main(argv=None) -> int:
 
     q = project_q()
 
-    def skew_cols(q=q):
+    def skew_cols(q: torch.Tensor = q) -> torch.Tensor:
         return torch.einsum("bgjd,bgdr->bgjr", q.view(B, Hkv, G, D), a_sel).reshape(B, H, R) * sm
 
     pq = skew_cols()
@@ -117,9 +110,7 @@ def main(argv=None) -> int:
     }
 
     def speculate():
-        qq = project_q()
-        pq2 = torch.einsum("bgjd,bgdr->bgjr", qq.view(B, Hkv, G, D), a_sel).reshape(B, H, R) * sm
-        s = ops.partial_qk(pq2, pk, seq_lens, slots)
+        s = ops.partial_qk(skew_cols(project_q()), pk, seq_lens, slots)
         ops.select(s, seq_lens, math.inf, args.budget, G, M, out_idx=idx, out_count=count, total=fetched)
 
     pieces["all (cap binds)"] = speculate

@@ -14,69 +14,68 @@ import collections
 import json
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from bench import decode as D  # noqa: E402
-from minigen.engine import Engine  # noqa: E402
+from bench.decode import random_model, warm_engine  # noqa: E402
 
-if len(sys.argv) < 2 or not torch.cuda.is_available():
-    sys.exit("usage: python bench/timeline.py BUDGET [CONTEXT]  (needs a CUDA GPU)")
-budget = float(sys.argv[1])
-ctx = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
-model, _ = D.random_model("llama2-7b", torch.float16, ctx + 40)
-cfg = model.config
-eng = Engine(model, D._NoTokenizer(), policy="infinigen", max_batch=1, max_seq_len=ctx + 40,
-             policy_opts={"alpha": float("inf"), "budget": budget})
-seqs = [eng.new_sequence([])]
-D.fill_cache(eng.kv)
-for s in seqs:
-    s.cached_ids = [0] * ctx
-g = eng._decode_graph(seqs)
-g.tokens.random_(0, cfg.vocab_size)
-def reset():
-    g.positions.fill_(ctx); g.seq_lens.fill_(ctx + 1); g.host_start = [ctx]
-for _ in range(3):
-    eng.decode_step(g)
-reset()
-torch.cuda.synchronize()
-from torch.profiler import profile, ProfilerActivity
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
-    for _ in range(3):
-        eng.decode_step(g)
+KINDS = ("gather_kv", "select", "partial_qk", "sparse_attention", "rms_norm", "rope", "swiglu", "append_kv",
+         "gemv", "gemm", "Kernel", "elementwise", "reduce")
+
+
+def kind(name: str) -> str:
+    """A kernel's short name: the first of KINDS it contains, else its first 30 characters."""
+    return next((k for k in KINDS if k in name), name[:30])
+
+
+def main(argv: list[str]) -> int:
+    if not argv or not torch.cuda.is_available():
+        print("usage: python bench/timeline.py BUDGET [CONTEXT]  (needs a CUDA GPU)", file=sys.stderr)
+        return 2
+    budget = float(argv[0])
+    ctx = int(argv[1]) if len(argv) > 1 else 8192
+    steps = 3
+    model, _ = random_model("llama2-7b", torch.float16, ctx + steps + 8)
+    eng, g, _, _ = warm_engine(model, policy="infinigen", batch=1, context=ctx, steps=steps,
+                               opts={"alpha": float("inf"), "budget": budget})
     torch.cuda.synchronize()
-path = "/tmp/trace.json"
-prof.export_chrome_trace(path)
-ev = [e for e in json.load(open(path))["traceEvents"] if e.get("cat") == "kernel"]
-print("kernels traced:", len(ev))
-ev.sort(key=lambda e: e["ts"])
-streams = collections.Counter(e["tid"] for e in ev)
-print("per stream:", dict(streams))
-def short(n):
-    for k in ("gather_kv", "select", "partial_qk", "sparse_attention", "rms_norm", "rope", "swiglu", "append_kv", "gemv", "gemm", "Kernel", "elementwise", "reduce"):
-        if k in n: return k
-    return n[:30]
-# the last step only: find step boundaries by the embedding / first kernel... use 1/3 of events
-n = len(ev) // 3
-last = ev[-n:]
-t0 = last[0]["ts"]
-gs = [e for e in last if "gather_kv" in e["name"]]
-sel = [e for e in last if "_select_kernel" in e["name"]]
-print(f"last step span {last[-1]['ts'] + last[-1]['dur'] - t0:.0f} us, gathers {len(gs)}, selects {len(sel)}")
-print("gather durations:", [round(e["dur"]) for e in gs])
-print("gaps between gathers:", [round(b["ts"] - (a["ts"] + a["dur"])) for a, b in zip(gs, gs[1:])])
-print("select end -> gather start:", [round(gg["ts"] - (s["ts"] + s["dur"])) for s, gg in zip(sel, gs)])
-print("select durations:", [round(e["dur"]) for e in sel])
-print("first gather starts at", round(gs[0]["ts"] - t0), "last ends at", round(gs[-1]["ts"] + gs[-1]["dur"] - t0))
-# main stream: per kernel type total time within the step
-agg = collections.defaultdict(float)
-for e in last:
-    agg[(e["tid"], short(e["name"]))] += e["dur"]
-for k, v in sorted(agg.items(), key=lambda kv: -kv[1])[:25]:
-    print(k, round(v))
-# print a window of the timeline around gathers 10-12
-lo, hi = gs[10]["ts"] - 50, gs[12]["ts"] + gs[12]["dur"]
-for e in last:
-    if lo <= e["ts"] <= hi:
-        print(f"{e['ts'] - t0:9.1f} {e['dur']:7.1f} s{e['tid']} {short(e['name'])}")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.decode_step(g)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            ev = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
+    ev.sort(key=lambda e: e["ts"])
+    print("kernels traced:", len(ev))
+    print("per stream:", dict(collections.Counter(e["tid"] for e in ev)))
+    last = ev[-(len(ev) // steps):]          # every step launches the same kernels: the last third
+    t0 = last[0]["ts"]
+    gs = [e for e in last if "gather_kv" in e["name"]]
+    sel = [e for e in last if "_select_kernel" in e["name"]]
+    end = lambda e: e["ts"] + e["dur"]  # noqa: E731
+    print(f"last step span {end(last[-1]) - t0:.0f} us, gathers {len(gs)}, selects {len(sel)}")
+    print("gather durations:", [round(e["dur"]) for e in gs])
+    print("gaps between gathers:", [round(b["ts"] - end(a)) for a, b in zip(gs, gs[1:])])
+    print("select end -> gather start:", [round(gg["ts"] - end(s)) for s, gg in zip(sel, gs)])
+    print("select durations:", [round(e["dur"]) for e in sel])
+    print("first gather starts at", round(gs[0]["ts"] - t0), "last ends at", round(end(gs[-1]) - t0))
+    agg = collections.defaultdict(float)      # kernel time per (stream, kind) within the step
+    for e in last:
+        agg[(e["tid"], kind(e["name"]))] += e["dur"]
+    for k, v in sorted(agg.items(), key=lambda kv: -kv[1])[:25]:
+        print(k, round(v))
+    lo, hi = gs[10]["ts"] - 50, end(gs[12])   # the raw timeline around gathers 10-12
+    for e in last:
+        if lo <= e["ts"] <= hi:
+            print(f"{e['ts'] - t0:9.1f} {e['dur']:7.1f} s{e['tid']} {kind(e['name'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
