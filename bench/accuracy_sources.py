@@ -39,12 +39,9 @@ class Oracle(InfiniGenKV):
         if self.mode == "oracle":
             kp, _ = self.pool.heads(j)
             K = kp[meta.slot_idx.long().cpu()].to(q.device).float()
-            s = torch.einsum("bgjd,bgtd->bgjt", qg, K).reshape(B, -1, K.shape[2])
+            s = (torch.einsum("bgjd,bgtd->bgjt", qg, K).reshape(B, -1, K.shape[2]) * self.sm_scale).contiguous()
         else:
-            a = self.a_sel[j, meta.token_slot].float()
-            pq = torch.einsum("bgjd,bgdr->bgjr", qg, a).reshape(B, -1, self.R)
-            s = self.ops.partial_qk(pq.to(q.dtype), self.pk[j], n_valid, meta.slot_idx)
-        s = (s * self.sm_scale).contiguous()
+            s = self.ops.partial_qk(q, self.a_sel[j], self.pk[j], n_valid, meta.slot_idx, self.sm_scale)
         idx, count = self.ops.select(s, n_valid, self.alpha, self.budget, G, self.max_select,
                                      out_idx=self.idx[buf, :B], out_count=self.count[buf, :B])
         self._num_fetched += count.sum()   # candidates: counted once per step in begin
@@ -73,7 +70,7 @@ class Scored(InfiniGenKV):
                 sel = score.topk(self.R, dim=-1).indices.sort(-1).values
                 self.a_sel[j, slot] = torch.gather(A, 2, sel[:, None, :].expand(-1, A.shape[1], -1)).to(self.dtype)
             pk = torch.einsum("ngd,gdr->ngr", ks, self.a_sel[j, slot].float())
-            self.pk[j, slot, :, n0:n0 + n] = pk.transpose(0, 1).to(self.dtype)
+            self.pk[j, slot, :, :, n0:n0 + n] = pk.permute(1, 2, 0).to(self.dtype)
             start += n
 
 dev = resolve_device(None); dt = resolve_dtype(None, dev)

@@ -136,8 +136,9 @@ def pinned_h2d_gbps(nbytes: int = 1 << 30) -> float:
 
 def fill_random(t: torch.Tensor, chunk: int = 1 << 27) -> None:
     """Fill a GPU or pinned-host tensor with N(0, 1) values through device copies (fast for
-    tens of GB of pinned pool; decode cost does not depend on the values)."""
-    flat = t.view(-1)
+    tens of GB of pinned pool; decode cost does not depend on the values). A padded view (the
+    partial key cache) is filled through the tensor it views, padding included."""
+    flat = (t if t.is_contiguous() else t._base).view(-1)
     src = torch.randn(min(chunk, flat.numel()), device="cuda").to(t.dtype)
     for i in range(0, flat.numel(), chunk):
         n = min(chunk, flat.numel() - i)
@@ -173,6 +174,21 @@ def cuda_ms(fn, n: int) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / n
+
+
+def graph_ms(fn, n: int, repeat: int = 1) -> float:
+    """Mean ms per replay (n replays) of a CUDA graph holding `repeat` calls of fn: what a captured
+    decode step pays for the same kernels, without Python's launch overhead."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(repeat):
+            fn()
+    g.replay()
+    ms = cuda_ms(g.replay, n)
+    del g
+    return ms
 
 
 def warm_engine(model, *, policy: str, batch: int, context: int, steps: int, opts: dict | None = None):
@@ -218,21 +234,17 @@ def time_minigen(model, *, policy: str, batch: int, context: int, steps: int, op
     if "fetched_fraction" in kv.stats():
         res["fetched_fraction"] = kv.stats()["fetched_fraction"]
     if policy == "infinigen":   # (b) its parts: compute without the PCIe gather, and the gather alone
-        res["transfer_ms"] = cuda_ms(lambda: kv.gather_all(), steps)
+        # both captured in a graph, as in the step, so that launch overhead does not count (eager
+        # launches of 30 small gathers take longer than the gathers themselves at 2%)
+        res["transfer_ms"] = graph_ms(kv.gather_all, steps)
         res["transfer_bytes"] = kv.gather_bytes()
         # the speculation alone (q projection, partial_qk, select), which shares the side
         # stream with the gather: side-stream time per step = speculate + transfer
         h = torch.randn(batch, cfg.dim, dtype=model.lm_head.weight.dtype, device="cuda")
-        kv.skip_gather = True            # captured in a graph so launch overhead does not count
-        spec = lambda: [kv._speculate(i, h) for i in range(kv.dense_layers, cfg.num_layers)]  # noqa: E731
-        spec()
-        sg = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(sg):
-            spec()
-        res["speculate_ms"] = cuda_ms(sg.replay, steps)
-        del sg
-        kv.skip_gather = False
-        kv.skip_gather = True           # a step without the gather: recapture, time, recapture
+        kv.skip_gather = True
+        res["speculate_ms"] = graph_ms(lambda: [kv._speculate(i, h) for i in range(kv.dense_layers, cfg.num_layers)],
+                                       steps)
+        # a step without the gather: recapture, time, recapture
         eng._graphs.clear()
         g = eng._decode_graph(seqs)
         g.tokens.random_(0, cfg.vocab_size)

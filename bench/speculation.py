@@ -8,13 +8,12 @@ its pieces on random tensors of a model shape (no model is built), each captured
 of `--repeat` back-to-back calls (one per pooled layer, as in a decode step), so launch overhead
 is what a captured step pays, not what Python pays:
     norm+q_proj+rope   the layer's input norm, the W_q GEMV and RoPE (model.project_q)
-    skew columns       the partial query: q (B, H, D) times the selected skew columns, scaled
-    partial_qk         scores against the partial key cache (kernels/partial_qk.py)
+    partial_qk         q projected on the kept skew columns, scaled, and scored against the
+                       partial key cache (kernels/partial_qk.py: projection and scores in one)
     select             threshold + cap + compaction (kernels/select.py), the cap binding
-                       (alpha inf: a fixed fetch of --budget) and not binding (alpha 5, budget 1)
-    count              a separate fetched-rows counter (count.sum() + add; the runtime now has
-                       select add to it: measured here for comparison with the earlier runs)
-    all                the whole speculation as InfiniGenKV._speculate runs it (counter in select)
+                       (alpha inf: a fixed fetch of --budget) and not binding (alpha 5, budget 1),
+                       with the fetched-rows counter inside
+    all                the whole speculation as InfiniGenKV._speculate runs it
 plus, for scale, the layer's gather at the same fetch fraction (kernels/gather_kv.py, from a
 pinned pool) and the HBM copy ceiling. Prints a table and one JSON line.
 """
@@ -30,20 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.decode import SHAPES, cuda_ms, hbm_copy_gbps  # noqa: E402
+from bench.decode import SHAPES, graph_ms, hbm_copy_gbps  # noqa: E402
 from kernels import Ops  # noqa: E402
 
 
 def graph_us(fn, repeat: int, iters: int = 20) -> float:
     """Mean microseconds per call of fn, replayed from a CUDA graph of `repeat` calls."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(repeat):
-            fn()
-    g.replay()
-    return cuda_ms(g.replay, iters) * 1000 / repeat
+    return graph_ms(fn, iters, repeat) * 1000 / repeat
 
 
 def main(argv=None) -> int:
@@ -76,7 +68,8 @@ def main(argv=None) -> int:
     cos, sin = cos.to(dev), sin.to(dev)
     positions = torch.full((B,), T, dtype=torch.int64, device=dev)
     a_sel = torch.randn(B, Hkv, D, R, device=dev, dtype=dt) / math.sqrt(D)
-    pk = torch.randn(B, Hkv, T + 1, R, device=dev, dtype=dt)
+    pad = -(-(T + 1) // 16) * 16                                      # InfiniGenKV's padded token stride
+    pk = torch.randn(B, Hkv, R, pad, device=dev, dtype=dt)[..., :T + 1]
     seq_lens = torch.full((B,), T, dtype=torch.int32, device=dev)
     slots = torch.arange(B, dtype=torch.int32, device=dev)
     M = max(1, math.ceil(args.budget * T))
@@ -92,25 +85,20 @@ def main(argv=None) -> int:
         return ops.rope(q, q, positions, cos, sin)[0]
 
     q = project_q()
-
-    def skew_cols(q: torch.Tensor = q) -> torch.Tensor:
-        return torch.einsum("bgjd,bgdr->bgjr", q.view(B, Hkv, G, D), a_sel).reshape(B, H, R) * sm
-
-    pq = skew_cols()
-    scores = ops.partial_qk(pq, pk, seq_lens, slots)
+    scores = ops.partial_qk(q, a_sel, pk, seq_lens, slots, sm)
     pieces = {
         "norm+q_proj+rope": project_q,
-        "skew columns": skew_cols,
-        "partial_qk": lambda: ops.partial_qk(pq, pk, seq_lens, slots, out=scores),
+        "partial_qk": lambda: ops.partial_qk(q, a_sel, pk, seq_lens, slots, sm, out=scores),
         f"select, cap binds ({args.budget:g})":
-            lambda: ops.select(scores, seq_lens, math.inf, args.budget, G, M, out_idx=idx, out_count=count),
+            lambda: ops.select(scores, seq_lens, math.inf, args.budget, G, M, out_idx=idx, out_count=count,
+                               total=fetched),
         "select, cap free (alpha 5)":
-            lambda: ops.select(scores, seq_lens, 5.0, 1.0, G, T, out_idx=idx_all, out_count=count),
-        "count (separate)": lambda: fetched.add_(count.sum()),
+            lambda: ops.select(scores, seq_lens, 5.0, 1.0, G, T, out_idx=idx_all, out_count=count,
+                               total=fetched),
     }
 
     def speculate():
-        s = ops.partial_qk(skew_cols(project_q()), pk, seq_lens, slots)
+        s = ops.partial_qk(project_q(), a_sel, pk, seq_lens, slots, sm)
         ops.select(s, seq_lens, math.inf, args.budget, G, M, out_idx=idx, out_count=count, total=fetched)
 
     pieces["all (cap binds)"] = speculate

@@ -208,10 +208,11 @@ def test_gather_kv(kbench, model, step, impl):
 def test_partial_qk(kbench, model, step, impl):
     m, (B, _) = MODELS[model], STEPS[step]
     R = int(m.D * PARTIAL_RATIO)
-    pq, pk = randn(B, m.H, R), randn(B, m.Hkv, CONTEXT, R)
-    kbench(partial_qk, partial_qk_ref, impl, (pq, pk, i32([CONTEXT] * B), i32(range(B))),
-           case=case_of(model, step), shape=f"pq ({B}, {m.H}, {R}), pk ({B}, {m.Hkv}, {CONTEXT}, {R})",
-           nbytes=nb(pq, pk) + B * m.H * CONTEXT * 4)                           # + fp32 scores written
+    q, cols, pk = randn(B, m.H, m.D), randn(B, m.Hkv, m.D, R), randn(B, m.Hkv, R, CONTEXT)
+    kbench(partial_qk, partial_qk_ref, impl, (q, cols, pk, i32([CONTEXT] * B), i32(range(B)), m.D ** -0.5),
+           case=case_of(model, step),
+           shape=f"q ({B}, {m.H}, {m.D}), cols ({B}, {m.Hkv}, {m.D}, {R}), pk ({B}, {m.Hkv}, {R}, {CONTEXT})",
+           nbytes=nb(q, cols, pk) + B * m.H * CONTEXT * 4)                      # + fp32 scores written
 
 
 @impls

@@ -1,25 +1,37 @@
-"""InfiniGen speculation scores: partial queries against the GPU-resident partial key cache.
+"""InfiniGen speculation scores: queries projected onto each head's kept skew columns, against the
+GPU-resident partial key cache.
 
-Math, for sequence b (cache slot slot_idx[b], n = seq_lens[b] valid tokens), query head h and its
-kv head j = h // G (G = H // Hkv), over the R skewed columns kept per head:
-    scores[b, h, t] = sum_r pq[b, h, r] * pk_cache[slot_idx[b], j, t, r]     t < n
-    scores[b, h, t] = -inf                                                  n <= t < Tcap
-Raw logits: no 1/sqrt(D) scale, no softmax (the selection thresholds them against the row max).
-Every element of scores is written, so a reused buffer never holds a stale row.
+Math, for sequence b (cache slot s = slot_idx[b], n = seq_lens[b] valid tokens), query head h and its
+kv head j = h // G (G = H // Hkv), over the R skewed columns kept per (slot, kv head):
+    pq[b, h, r]     = scale * sum_d q[b, h, d] * cols[s, j, d, r]     partial query, fp32
+    scores[b, h, t] = sum_r pq[b, h, r] * pk[s, j, r, t]               t < n
+    scores[b, h, t] = -inf                                             n <= t < T
+q is the layer's query (post-RoPE for Llama), cols the R columns of the head's skew matrix in use
+(so pq is the kept part of the skewed query) and scale the attention's 1/sqrt(D): scores are in
+attention-logit units, which is what select's threshold alpha is measured in. No softmax. Every
+element of scores is written, so a reused buffer never holds a stale row.
 
-Grid (cdiv(Tcap, BLOCK_T), Hkv, B): one program loads one BLOCK_T x R tile of one kv head's partial
-keys ONCE and scores all G query heads of the group against it (fp32 multiply + row sum on CUDA
-cores: R is 12..32, far below what tensor cores need, and the op is bound by the key stream).
-Consecutive programs take consecutive tiles of the same head, i.e. one contiguous stream per head.
-A tile wholly past seq_lens[b] reads nothing and only writes -inf.
+Layout: the partial keys are stored token-minor, pk (S, Hkv, R, T): each of a head's R columns is
+one contiguous run of tokens, so a tile (R rows x BLOCK_T tokens) is R coalesced 16-byte-vector
+streams (a token-major (T, R) layout has 2R-byte rows, not 16-byte aligned for R = 25: scalar
+loads). Pad the token stride to a multiple of 16 elements (InfiniGenKV does) for aligned rows.
+
+Grid (cdiv(T, tokens_per_prog), Hkv, B): a program projects the query heads of its kv head onto
+the head's columns once (D x R multiply-adds per query head, from L2), then walks its run of
+tokens_per_prog tokens tile by tile: load the (BLOCK_R, BLOCK_T) key tile once, score each of the G
+query heads against it (fp32 multiply + sum over R on CUDA cores: R is 12..32, far below what
+tensor cores need, and the op is bound by the key stream). Tiles wholly below n load without a
+token mask (a runtime per-token mask would split every 16-byte load into 8 scalar ones); the tile
+holding n masks rows t >= n (no traffic for them).
 
 Cost per call (bytes):
-    reads   sum_b Hkv * min(n_b, Tcap) * R * elem(pk)        partial keys (the whole cost)
-            + B * H * R * elem(pq)                           (noise)
-    writes  B * H * Tcap * 4                                 fp32 scores, -inf tails included
-Example: B=8, H=Hkv=32 (Llama-2-7B), Tcap=n=32768, R=25, fp16: 419 MB read + 34 MB written,
+    reads   sum_b Hkv * min(n_b, T) * R * elem(pk)        partial keys (the whole cost)
+            + programs * D * R * elem(cols) + B * H * D * elem(q)   (L2: noise)
+    writes  B * H * T * 4                                 fp32 scores, -inf tails included
+Example: B=8, H=Hkv=32 (Llama-2-7B), T=n=32768, R=25, fp16: 419 MB read + 34 MB written,
 ~150 us at the ~3 TB/s an H100 streams; with GQA (Hkv=8) the reads drop to 105 MB (~45 us).
-(Estimates from bytes, not measured; sm_90 builds checked offline: no spills.)
+Measured (H100, bench/speculation.py, captured graphs, projection included): B=1 8192 tokens
+5.59 us (13 MB of keys), B=1 32000 22.95 us (51 MB), B=8 8192 41.8 us (105 MB): 2.3-2.5 TB/s.
 """
 from __future__ import annotations
 
@@ -27,80 +39,94 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements of one partial-key tile (BLOCK_T x BLOCK_R) held in registers by one program: 4096
-# over 4 warps = 32 fp32 per thread. Rows of R = 25 halves are not 16-byte aligned, so loads are
-# scalar and every element carries a 64-bit address: sm_90 builds take 72-94 registers at this size
-# (no spills; 140-219 at 8192), i.e. 5+ programs and ~32 KB of keys in flight per SM.
-_TILE = 4096
+# Tokens per tile, programs aimed at, warps: measured on the H100 (bench/results/issue3/
+# kernel_sweeps_fused_qk_6bit_select.txt, tiles 128..2048 x 256..1024 programs x 1..8 warps):
+# 1024-token tiles over 4 warps were fastest at B=1 8K (5.75 us for 13 MB of keys), B=8 8K and
+# B=1 32K; 8 warps or smaller tiles were up to 3x slower, 2048-token tiles spill.
+# Several tiles per program once there are more than ~1024 programs: the projection is amortized.
+_BLOCK_T = 1024
+_TARGET_PROGRAMS = 1024
+_NUM_WARPS = 4
 
 
 @triton.jit
 def _partial_qk_kernel(
     # pointers
-    PQ, PK, SeqLens, SlotIdx, Out,
-    # sizes
-    T_cap,
-    # strides (elements; the R dim is contiguous everywhere)
+    Q, Cols, PK, SeqLens, SlotIdx, Out,
+    # sizes and scalars
+    T, tokens_per_prog, scale,
+    # strides (elements; the last dim is contiguous everywhere)
     stride_qb, stride_qh,
-    stride_ks, stride_kh, stride_kt,
+    stride_cs, stride_ch, stride_cd,
+    stride_ks, stride_kh, stride_kr,
     stride_ob, stride_oh,
     # constexprs
-    GROUP: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, R: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    # ---- which (token block, kv head, sequence): int64 before any stride multiply
-    t_block = tl.program_id(0)
+    # ---- which (run of tokens, kv head, sequence): int64 before any stride multiply
+    run = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-
-    offs_t = t_block * BLOCK_T + tl.arange(0, BLOCK_T)                     # (BLOCK_T,) int32
+    n_in = tl.minimum(tl.load(SeqLens + b), T)     # a bad seq_lens > T reads nothing past the buffer
+    slot = tl.load(SlotIdx + b).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
-    t_store = offs_t < T_cap                                               # the ragged last block
+    d_mask = offs_d < HEAD_DIM                                             # D = 64, 128 (or odd)
     r_mask = offs_r < R                                                    # R = 12, 25: pad to 16, 32
-    n = tl.load(SeqLens + b)
-    out_row = Out + b * stride_ob + (kv_head * GROUP) * stride_oh           # head kv_head*G of seq b
 
-    if t_block * BLOCK_T >= n:
-        # ---- the whole block is past the sequence: no key reads, just the -inf tail
-        neg_inf = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-        for g in tl.static_range(GROUP):
-            tl.store(out_row + g * stride_oh + offs_t, neg_inf, mask=t_store)
-    else:
-        # ---- load this kv head's partial-key tile once, fp32. Rows t >= n are masked (read as
-        # 0, no traffic): the cache past seq_lens is garbage (maybe NaN) and would poison the sums.
-        slot = tl.load(SlotIdx + b).to(tl.int64)
-        t_valid = (offs_t < n) & t_store            # & t_store: a bad seq_lens > Tcap reads nothing
-        k_ptrs = (PK + slot * stride_ks + kv_head * stride_kh
-                  + offs_t[:, None] * stride_kt + offs_r[None, :])
-        k = tl.load(k_ptrs, mask=t_valid[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-        # (BLOCK_T, BLOCK_R)
+    # ---- the head's kept skew columns, once per program: (BLOCK_D, BLOCK_R) fp32
+    cols = tl.load(Cols + slot * stride_cs + kv_head * stride_ch + offs_d[:, None] * stride_cd + offs_r[None, :],
+                   mask=d_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    k_rows = PK + slot * stride_ks + kv_head * stride_kh + offs_r[:, None] * stride_kr   # (BLOCK_R, 1)
+    t_start = run * tokens_per_prog
+    t_stop = tl.minimum(t_start + tokens_per_prog, T)
 
-        # ---- score every query head of the group against it: s_t = sum_r k[t, r] * q[r]
-        q_row = PQ + b * stride_qb + (kv_head * GROUP) * stride_qh
-        for g in tl.static_range(GROUP):
-            q = tl.load(q_row + g * stride_qh + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-            s = tl.sum(k * q[None, :], axis=1)                             # (BLOCK_T,) fp32
-            s = tl.where(t_valid, s, float("-inf"))                        # -inf past the sequence
-            tl.store(out_row + g * stride_oh + offs_t, s, mask=t_store)
+    for g in tl.static_range(GROUP):
+        h = kv_head * GROUP + g
+        # ---- partial query: the query's projection on the kept columns, scaled to logit units
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        pq = tl.sum(q[:, None] * cols, axis=0) * scale                     # (BLOCK_R,) fp32
+        out_row = Out + b * stride_ob + h * stride_oh
+        for t0 in range(t_start, t_stop, BLOCK_T):
+            offs_t = tl.max_contiguous(tl.multiple_of(t0 + tl.arange(0, BLOCK_T), BLOCK_T), BLOCK_T)
+            if t0 + BLOCK_T <= n_in:
+                # ---- a whole tile of cached tokens: a mask only along R (constant along the
+                # tokens), so each thread's 8 tokens of a column are one 16-byte load
+                k = tl.load(k_rows + offs_t[None, :], mask=r_mask[:, None], other=0.0).to(tl.float32)
+                s = tl.sum(k * pq[:, None], axis=0)                        # (BLOCK_T,) fp32
+                tl.store(out_row + offs_t, s)
+            else:
+                # ---- the tile holding seq_len (or past it): rows t >= n are masked, since the
+                # cache there is garbage (maybe NaN) and would poison the sums
+                t_store = offs_t < T                                       # the ragged last tile
+                t_valid = offs_t < n_in
+                k = tl.load(k_rows + offs_t[None, :], mask=r_mask[:, None] & t_valid[None, :],
+                            other=0.0).to(tl.float32)                      # (BLOCK_R, BLOCK_T)
+                s = tl.sum(k * pq[:, None], axis=0)
+                s = tl.where(t_valid, s, float("-inf"))                    # -inf past the sequence
+                tl.store(out_row + offs_t, s, mask=t_store)
 
 
-def _launch_config(R: int) -> dict:
-    """BLOCK_R: R padded to a power of two; BLOCK_T: as many tokens as fill _TILE elements."""
-    block_r = triton.next_power_of_2(R)
-    return dict(BLOCK_R=block_r, BLOCK_T=max(16, _TILE // block_r), num_warps=4)
+def _launch_config(T: int, kv_heads: int, batch: int) -> dict:
+    """BLOCK_T tokens per tile; whole tiles per program so that about _TARGET_PROGRAMS run (at
+    least one tile each, at most 16: beyond that the projection is amortized anyway)."""
+    block_t = _BLOCK_T
+    tiles = triton.cdiv(T, block_t)
+    per_prog = max(1, min(16, tiles * kv_heads * batch // _TARGET_PROGRAMS))
+    return dict(BLOCK_T=block_t, tokens_per_prog=per_prog * block_t, num_warps=_NUM_WARPS)
 
 
-def partial_qk(pq: torch.Tensor, pk_cache: torch.Tensor, seq_lens: torch.Tensor,
-               slot_idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Speculated logits scores (B, H, Tcap) fp32 of partial queries pq (B, H, R) against the
-    partial key cache (S, Hkv, Tcap, R), -inf at t >= seq_lens[b]. Any float dtypes, fp32 math.
-    seq_lens/slot_idx (B,) int32. No host syncs: capturable in a CUDA graph.
-    """
-    # ---- check shapes (metadata only: no device reads)
-    B, H, R = pq.shape
-    S, Hkv, T, Rk = pk_cache.shape
-    if Rk != R:
-        raise ValueError(f"partial_qk: pk_cache {tuple(pk_cache.shape)} must be (S, Hkv, T, R={R}) "
-                         f"to match pq {tuple(pq.shape)}")
+def _check(q, cols, pk_cache, seq_lens, slot_idx) -> tuple[int, int, int, int, int, int]:
+    """Shape/dtype checks (metadata only: no device reads); returns (B, H, D, Hkv, R, T)."""
+    if q.dim() != 3 or cols.dim() != 4 or pk_cache.dim() != 4:
+        raise ValueError(f"partial_qk: q {tuple(q.shape)} must be (B, H, D), cols {tuple(cols.shape)} "
+                         f"(S, Hkv, D, R), pk_cache {tuple(pk_cache.shape)} (S, Hkv, R, T)")
+    B, H, D = q.shape
+    S, Hkv, R, T = pk_cache.shape
+    if cols.shape != (S, Hkv, D, R):
+        raise ValueError(f"partial_qk: cols {tuple(cols.shape)} must be (S={S}, Hkv={Hkv}, D={D}, R={R}) to "
+                         f"match pk_cache {tuple(pk_cache.shape)} (S, Hkv, R, T) and q {tuple(q.shape)}")
     if H % Hkv:
         raise ValueError(f"partial_qk: {H} query heads are not a multiple of {Hkv} kv heads")
     if seq_lens.shape != (B,) or slot_idx.shape != (B,):
@@ -108,52 +134,65 @@ def partial_qk(pq: torch.Tensor, pk_cache: torch.Tensor, seq_lens: torch.Tensor,
                          f"{tuple(slot_idx.shape)} must be ({B},)")
     if seq_lens.dtype != torch.int32 or slot_idx.dtype != torch.int32:
         raise ValueError(f"partial_qk: seq_lens/slot_idx must be int32, got {seq_lens.dtype}/{slot_idx.dtype}")
-    if not (pq.dtype.is_floating_point and pk_cache.dtype.is_floating_point):
-        raise ValueError(f"partial_qk: pq {pq.dtype} and pk_cache {pk_cache.dtype} must be float tensors")
-    if pq.stride(-1) != 1 or pk_cache.stride(-1) != 1:
-        raise ValueError("partial_qk: pq and pk_cache need a contiguous R dim (stride 1); "
+    if not all(t.dtype.is_floating_point for t in (q, cols, pk_cache)):
+        raise ValueError(f"partial_qk: q {q.dtype}, cols {cols.dtype} and pk_cache {pk_cache.dtype} must be float")
+    return B, H, D, Hkv, R, T
+
+
+def partial_qk(q: torch.Tensor, cols: torch.Tensor, pk_cache: torch.Tensor, seq_lens: torch.Tensor,
+               slot_idx: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Speculated logits (B, H, T) fp32 of queries q (B, H, D) projected on cols (S, Hkv, D, R) and
+    scaled, against the partial key cache pk_cache (S, Hkv, R, T); -inf at t >= seq_lens[b].
+    Any float dtypes, fp32 math. seq_lens/slot_idx (B,) int32. No host syncs: capturable.
+    """
+    B, H, D, Hkv, R, T = _check(q, cols, pk_cache, seq_lens, slot_idx)
+    if q.stride(-1) != 1 or cols.stride(-1) != 1 or pk_cache.stride(-1) != 1:
+        raise ValueError("partial_qk: q, cols and pk_cache need a contiguous last dim (stride 1); "
                          "call .contiguous() once when you build them")
-    if T * pk_cache.stride(2) >= 2**31:
+    if R * pk_cache.stride(2) >= 2**31 or D * cols.stride(2) >= 2**31:
         raise ValueError("partial_qk: one head's partial keys span >= 2^31 elements; use a smaller T")
     # ---- allocate or take out=
     if out is None:
-        out = torch.empty((B, H, T), dtype=torch.float32, device=pq.device)
+        out = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     elif out.shape != (B, H, T) or out.dtype != torch.float32 or out.stride(-1) != 1:
         raise ValueError(f"partial_qk: out must be ({B}, {H}, {T}) float32 with stride(-1) 1, "
                          f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
     if B == 0 or T == 0:
         return out
-    # ---- launch: (token blocks, kv heads, sequences)
-    cfg = _launch_config(R)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), Hkv, B)
+    # ---- launch: (runs of tokens, kv heads, sequences)
+    cfg = _launch_config(T, Hkv, B)
+    grid = (triton.cdiv(T, cfg["tokens_per_prog"]), Hkv, B)
     _partial_qk_kernel[grid](
-        pq, pk_cache, seq_lens, slot_idx, out,
-        T,
-        pq.stride(0), pq.stride(1),
+        q, cols, pk_cache, seq_lens, slot_idx, out,
+        T, cfg["tokens_per_prog"], float(scale),
+        q.stride(0), q.stride(1),
+        cols.stride(0), cols.stride(1), cols.stride(2),
         pk_cache.stride(0), pk_cache.stride(1), pk_cache.stride(2),
         out.stride(0), out.stride(1),
-        GROUP=H // Hkv, R=R, **cfg,
+        GROUP=H // Hkv, HEAD_DIM=D, R=R, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"],
     )
     return out
 
 
-def partial_qk_ref(pq: torch.Tensor, pk_cache: torch.Tensor, seq_lens: torch.Tensor,
-                   slot_idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-torch speculation scores, fp32 math, no host syncs (a gather, R multiply-adds, a mask).
+def partial_qk_ref(q: torch.Tensor, cols: torch.Tensor, pk_cache: torch.Tensor, seq_lens: torch.Tensor,
+                   slot_idx: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch speculation scores, fp32 math, no host syncs (gathers, multiply-adds, a mask).
 
-    The sum over r is R elementwise multiply-adds rather than a matmul, so it stays true fp32 on
-    CUDA whatever torch's TF32 switches say.
+    Both sums are elementwise multiply-adds rather than matmuls, so they stay true fp32 on CUDA
+    whatever torch's TF32 switches say.
     """
-    B, H, R = pq.shape
-    Hkv, T = pk_cache.shape[1], pk_cache.shape[2]
-    G = H // Hkv
-    pk = pk_cache[slot_idx.long()].float()                                  # (B, Hkv, T, R)
-    q = pq.float().reshape(B, Hkv, G, R)                                     # (B, Hkv, G, R)
-    s = torch.zeros((B, Hkv, G, T), dtype=torch.float32, device=pq.device)
+    B, H, D, Hkv, R, T = _check(q, cols, pk_cache, seq_lens, slot_idx)
+    G, slots = H // Hkv, slot_idx.long()
+    c = cols[slots].float()                                                  # (B, Hkv, D, R)
+    qg = q.float().reshape(B, Hkv, G, D)
+    pq = (qg[..., None] * c[:, :, None]).sum(-2) * scale                     # (B, Hkv, G, R)
+    pk = pk_cache[slots].float()                                             # (B, Hkv, R, T)
+    s = torch.zeros((B, Hkv, G, T), dtype=torch.float32, device=q.device)
     for r in range(R):
-        s += q[..., r, None] * pk[:, :, None, :, r]                          # (B, Hkv, G, T)
-    s = s.reshape(B, H, T)                                                   # (B, H, T)
-    valid = torch.arange(T, device=pq.device) < seq_lens[:, None]            # (B, T)
+        s += pq[..., r, None] * pk[:, :, None, r, :]                         # (B, Hkv, G, T)
+    s = s.reshape(B, H, T)
+    valid = torch.arange(T, device=q.device) < seq_lens[:, None]             # (B, T)
     s = torch.where(valid[:, None, :], s, float("-inf"))                     # garbage (even NaN) masked
     if out is None:
         return s

@@ -21,12 +21,12 @@ Algorithm, one program per (b, g), every pass a loop over BLOCK_T-token blocks o
              is written without reading a score, else straight to the radix select.
     else     exact radix select of the cap-th largest ns. For ns <= 0, larger ns <=> smaller
              |ns| <=> smaller float bits of |ns| ("mag", an int in [0, 2^31); -0 and +0 agree),
-             so it is the cap-th SMALLEST mag: up to four 8-bit digit passes, each a 256-bin
-             tl.histogram of the digit over tokens whose higher digits match the prefix found so
-             far, then a prefix sum picks the digit. Bit-exact, no float bisection. Early exit:
+             so it is the cap-th SMALLEST mag: up to six 6-bit digit passes (_DIGIT), each a
+             64-bin tl.histogram of the digit over tokens whose higher digits match the prefix
+             found so far, then a prefix sum picks the digit. Bit-exact, no float bisection. Early exit:
              when every token of the chosen digit's bucket is needed, the lower digits cannot
              change the answer (kth = the bucket's largest mag, all its tokens kept), so the
-             remaining passes are skipped (after 16-24 bits the bucket is usually one token).
+             remaining passes are skipped (after 18-24 bits the bucket is usually one token).
              Then one compaction pass: keep mag < kth, plus the first `need` tokens with mag == kth
              in index order (need = cap - #{mag < kth}: the tie rule, lower t wins).
     tail     idx[count:max_select] = 0; count; total += count (atomic) when a total is given.
@@ -35,12 +35,13 @@ Cost per call (bytes; scores are fp32, rows re-read per pass mostly hit L2):
     reads   passes * sum_b G * Hkv * n_b * 4   (passes = 2 without the cap; 3-7 when it binds)
     writes  B * Hkv * (max_select + 1) * 4     (indices, zero tail, counts)
 Grid (B, Hkv): one program streams its G rows serially, so with few programs the work is bound
-by one SM per row (the 256-bin histogram: ~90 instructions per token per pass, an estimate
-from its lowering: a ballot per bit, then 8 bins per lane), not by bytes.
+by one SM per row (the 64-bin histogram of a 6-bit digit: ~22 instructions per token per pass,
+an estimate from its lowering: a ballot per bit, then 2 bins per lane), not by bytes.
 Measured (H100, bench/speculation.py, captured graph, L2-warm scores; bench/results/issue3/):
-B=1, H=Hkv=32, n=8192, the cap binding at 10%: 31 us (34.7 us before the early exit, the
-alpha=inf shortcut and 8192-token blocks); the same without the cap (alpha 5): 5.7-6.2 us. Inside a
-decode step, sharing the SMs with the main stream's GEMVs, the same call took 63-87 us.
+B=1, H=Hkv=32, n=8192, the cap binding at 10%: 25.2 us (on randn scores in the digit-width
+sweep: 28.2 us, 8-bit digits 33.5; 34.7 before the early exit, the alpha=inf shortcut and
+8192-token blocks); the same without the cap (alpha 5): 6.8 us. Inside a decode step, sharing the SMs with the main stream's GEMVs, the
+capped call takes 58-81 us (timeline_b1_8k_10pct_fused_qk.txt).
 """
 from __future__ import annotations
 
@@ -61,6 +62,11 @@ _TILE = 16384
 _MAX_BLOCK_T = 8192
 # Zero-tail block of idx.
 _BLOCK_OUT = 1024
+# Radix digit width (bits) of the select: a 2^w-bin tl.histogram costs about w + 2^w / 32 * (w + 2)
+# instructions per token (a ballot per bit, then 2^w / 32 bins per lane), so narrower digits make
+# each pass much cheaper (8 bits: ~88, 6 bits: ~22) for one or two more passes at most; the early
+# exit usually ends the select after the digits that separate the cap-th token anyway.
+_DIGIT = 6
 
 
 @triton.jit
@@ -83,7 +89,7 @@ def _select_kernel(
     stride_sb, stride_sh, stride_ib, stride_ig, stride_cb,
     # constexprs
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_OUT: tl.constexpr,
-    ALL_CANDIDATES: tl.constexpr, HAS_TOTAL: tl.constexpr,
+    ALL_CANDIDATES: tl.constexpr, HAS_TOTAL: tl.constexpr, DIGIT: tl.constexpr,
 ):
     # ---- which (sequence, kv head): int64 before any stride multiply
     b = tl.program_id(0).to(tl.int64)
@@ -138,22 +144,27 @@ def _select_kernel(
         # ---- radix select: kth = the cap-th smallest mag = |ns| bits over t < n (C is an upper
         # set of ns and |C| > cap, so the cap-th largest ns of the row lies in C). Invariant:
         # `k` (1-based) indexes into the tokens whose mag matches `prefix` on the digits so far.
-        bins = tl.arange(0, 256)
+        bins = tl.arange(0, 1 << DIGIT)
         prefix = tl.zeros([1], dtype=tl.int32).sum(0)
         k = cap
         done = tl.zeros([1], dtype=tl.int32).sum(0)
-        for p in tl.static_range(4):
-            SHIFT = 24 - 8 * p                                              # constexpr
+        for p in tl.static_range((31 + DIGIT - 1) // DIGIT):
+            # digit p covers bits [SHIFT, HI) of the 31-bit mag, top-aligned (constexprs); the
+            # last one is narrower when DIGIT does not divide 31
+            HI = 31 - DIGIT * p
+            SHIFT = HI - DIGIT
+            if SHIFT < 0:
+                SHIFT = 0
             if done == 0:
-                hist = tl.zeros([256], dtype=tl.int32)
+                hist = tl.zeros([1 << DIGIT], dtype=tl.int32)
                 for t0 in range(0, n, BLOCK_T):
                     t = t0 + offs_t
                     ns = _group_ns(rows, t, n, g_mask, m)
                     mag = ns.to(tl.int32, bitcast=True) & 0x7FFFFFFF
                     match = t < n
                     if p > 0:
-                        match = match & ((mag >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
-                    hist += tl.histogram((mag >> SHIFT) & 255, 256, mask=match)
+                        match = match & ((mag >> HI) == (prefix >> HI))
+                    hist += tl.histogram((mag >> SHIFT) & ((1 << (HI - SHIFT)) - 1), 1 << DIGIT, mask=match)
                 # smallest digit d whose inclusive count reaches k; drop the tokens below it
                 cum = tl.cumsum(hist, 0)
                 d = tl.sum((cum < k).to(tl.int32), 0)
@@ -279,7 +290,7 @@ def select(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budget: f
         T, max_select, neg_alpha, _to_f32(min(float(budget), 2.0**31)),
         scores.stride(0), scores.stride(1), out_idx.stride(0), out_idx.stride(1), out_count.stride(0),
         GROUP=group_size, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_OUT=_BLOCK_OUT,
-        ALL_CANDIDATES=neg_alpha == -math.inf, HAS_TOTAL=total is not None,
+        ALL_CANDIDATES=neg_alpha == -math.inf, HAS_TOTAL=total is not None, DIGIT=_DIGIT,
         num_warps=num_warps,
     )
     return out_idx, out_count

@@ -3,11 +3,12 @@ next layer will attend to are fetched (Lee et al., OSDI 2024).
 
 Per layer i >= dense_layers ("pooled" layers), per decode step:
     speculate   at layer i-1 (pre_attention hook), on the speculation stream:
-                  q~   = skew(RoPE(norm_i(x_{i-1}) W_q^(i)))[:, sel] / sqrt(D)   (B, H, R)
-                         partial queries from the residual x_{i-1} entering layer i-1, through
-                         layer i's own input norm (its gain differs from layer i-1's: using
-                         layer i-1's normalized input instead costs accuracy, measured)
-                  s    = q~ . pk_i                                      (B, H, T)  partial_qk kernel
+                  q    = RoPE(norm_i(x_{i-1}) W_q^(i))                  (B, H, D)
+                         queries from the residual x_{i-1} entering layer i-1, through layer
+                         i's own input norm (its gain differs from layer i-1's: using layer
+                         i-1's normalized input instead costs accuracy, measured)
+                  s    = (q . skew[:, sel] / sqrt(D)) . pk_i            (B, H, T)  partial_qk kernel
+                         (the projection on the R kept skew columns happens inside the kernel)
                   idx  = {t : max over the KV head's group of s - rowmax > -alpha}, at most
                          ceil(budget * n) per (sequence, KV head)       select kernel
     gather      on the gather stream, after layer i's speculation (so it overlaps layer i+1's):
@@ -22,7 +23,8 @@ Skewing (minigen/skew.py) makes a few columns of q and k carry most of q.k; `sel
 per (sequence, KV head) at prefill from the prompt's |q| + |k| column sums. For OPT the skew is
 folded into W_q/W_k, so the columns are read off directly (identity here).
 
-GPU state per pooled layer: pk (S, Hkv, T, R) partial keys, a_sel (S, Hkv, D, R) the skew's
+GPU state per pooled layer: pk (S, Hkv, R, T) partial keys (token-minor: one contiguous run of
+tokens per column, the token stride padded to 16 elements), a_sel (S, Hkv, D, R) the skew's
 selected columns, plus double-buffered idx/count/K/V for the gathered rows.
 
 Host-memory limit (cpu_kv_limit, paper section 5). The pooled layers' pool and pk then hold
@@ -155,7 +157,9 @@ class InfiniGenKV(PooledKV):
         self._alloc_pool(num_slots, P)
         self._capacity = max_seq_len       # tokens a sequence may reach (the pool keeps P of them)
         Lp, S, Hkv, D, R, dev = self.pool_layers, num_slots, self.num_kv_heads, self.head_dim, self.R, self.device
-        self.pk = self._gpu((Lp, S, Hkv, P, R))                               # partial key cache, by row
+        # partial key cache, by row, token-minor; a token stride of a multiple of 16 elements keeps
+        # every column's run 16-byte aligned for partial_qk's vector loads
+        self.pk = self._gpu((Lp, S, Hkv, R, -(-P // 16) * 16))[..., :P]
         self.a_sel = self._gpu((Lp, S, Hkv, D, R))                             # skew columns in use
         self.max_select = max(1, min(P, math.ceil(self.budget * P)))
         if self.limited:
@@ -251,13 +255,13 @@ class InfiniGenKV(PooledKV):
 
     def _speculate(self, i: int, h: torch.Tensor) -> None:
         meta, ops, j, buf = self.meta, self.ops, i - self.dense_layers, i % 2
-        B, G, R = h.shape[0], self.group, self.R
+        B, G = h.shape[0], self.group
         q = self.project_q(i, h, meta.positions)                               # (B, H, D) post-RoPE
-        a = self.a_sel[j, meta.token_slot]                                     # (B, Hkv, D, R)
-        # scaled like the real attention logits, so alpha is a gap in logit units (as in the paper)
-        pq = torch.einsum("bgjd,bgdr->bgjr", q.view(B, self.num_kv_heads, G, -1), a).reshape(B, -1, R) * self.sm_scale
         n_valid = self._n_valid                                                # (B,) from begin
-        scores = ops.partial_qk(pq, self.pk[j], n_valid, meta.slot_idx)        # (B, H, P) fp32
+        # projected on the kept skew columns and scaled like the real attention logits inside the
+        # kernel, so alpha is a gap in logit units (as in the paper)
+        scores = ops.partial_qk(q, self.a_sel[j], self.pk[j], n_valid, meta.slot_idx,
+                                self.sm_scale)                                 # (B, H, P) fp32
         idx, count = ops.select(scores, n_valid, self.alpha, self.budget, G, self.max_select,
                                 out_idx=self.idx[buf, :B], out_count=self.count[buf, :B],
                                 total=self._num_fetched)                       # counts rows fetched
@@ -291,7 +295,7 @@ class InfiniGenKV(PooledKV):
         # the current token's partial key joins the partial cache for later steps
         pk_cur = torch.einsum("bgd,bgdr->bgr", k, self.a_sel[j, meta.token_slot].to(k.dtype))  # (B, Hkv, R)
         rows = self._decode_rows(j)                                            # (B,) int64
-        self.pk[j][meta.token_slot, :, rows] = pk_cur
+        self.pk[j][meta.token_slot, :, :, rows] = pk_cur
         out = self.ops.sparse_attention(q, self.sel_k[buf, :B], self.sel_v[buf, :B], self.count[buf, :B],
                                         k, v, self.sm_scale)
         self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], meta.token_slot, rows)
@@ -333,11 +337,11 @@ class InfiniGenKV(PooledKV):
             if self.limited:
                 pks.append(pk)
             else:
-                self.pk[j, slot, :, n0:n0 + n] = pk.transpose(0, 1).to(self.dtype)
+                self.pk[j, slot, :, :, n0:n0 + n] = pk.permute(1, 2, 0).to(self.dtype)
             start += n
         if self.limited:   # the kept tokens' partial keys, by row
             plan = self._plan
-            self.pk[j][plan["slot"], :, plan["row"]] = torch.cat(pks)[plan["tok"]].to(self.dtype)
+            self.pk[j][plan["slot"], :, :, plan["row"]] = torch.cat(pks)[plan["tok"]].to(self.dtype)
 
     def _prefill_attend_limited(self, j: int, q, k, v) -> torch.Tensor:
         """PooledKV.prefill_attend for a limited pool: attention over every token of the prompt

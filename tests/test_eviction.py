@@ -35,7 +35,7 @@ def test_limit_above_context_equals_unlimited(model, opts):
     # 64 rows < 96 slot tokens: the limited (row-indexed) path runs, but 23 + 12 tokens never fill it
     for limit in (64 / T, 64 * row_bytes(model, len(PROMPTS))):
         got, eng = step_logits(model, "infinigen", PROMPTS, steps=12, cpu_kv_limit=limit, evict_window=4, **opts)
-        assert eng.kv.limited and eng.kv.pool.k.shape[2] == 64 and eng.kv.pk.shape[3] == 64
+        assert eng.kv.limited and eng.kv.pool.k.shape[2] == 64 and eng.kv.pk.shape[4] == 64
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     toks, _ = greedy(model, "infinigen", PROMPTS, **opts)
     toks_lim, eng = greedy(model, "infinigen", PROMPTS, cpu_kv_limit=64 / T, evict_window=4, **opts)
@@ -101,7 +101,7 @@ def run_limited(model, evict):
         ref.decode_step(rg)
         for s in seqs + rseqs:
             s.cached_ids.append(0)
-        assert kv.pool.k.shape[2] == P and kv.pk.shape[3] == P          # never more than the limit
+        assert kv.pool.k.shape[2] == P and kv.pk.shape[4] == P          # never more than the limit
         for j in range(kv.pool_layers):
             for b, s in enumerate(seqs):
                 c = s.num_cached                                      # positions 0..c-1 seen so far

@@ -128,6 +128,23 @@ def test_select_matches_ref_and_oracle(case, knobs, tiles, kind, monkeypatch):
     assert torch.equal(idx, want_idx), "ref indices != oracle"
 
 
+@pytest.mark.parametrize("tiles", ["default", "32"])
+@pytest.mark.parametrize("kind", ["randn", "ulps"])
+@pytest.mark.parametrize("digit", [5, 8])
+def test_select_digit_widths(digit, kind, tiles, monkeypatch):
+    # the radix digit width is a speed choice, not semantics: 5 bits (seven passes, the last one
+    # bit wide) and 8 bits (four) select exactly what the ref and the oracle select
+    monkeypatch.setattr(mod, "_DIGIT", digit)
+    if tiles == "32":
+        small_tiles(monkeypatch)
+    lens, H, G, T = CASES["gqa3-long"]
+    scores, seq_lens = make_scores(lens, H, T, kind, seed=11)
+    for alpha, budget, max_select in (KNOBS["binds"], KNOBS["tight"], KNOBS["inf-binds"]):
+        idx, count = run_both(scores, seq_lens, alpha, budget, G, max_select)
+        want_idx, want_count = oracle(scores, lens, alpha, budget, G, max_select)
+        assert torch.equal(count, want_count) and torch.equal(idx, want_idx)
+
+
 def test_select_cases_cover_both_branches():
     # |C| > cap (the radix path) for "binds"/"tight", |C| <= cap for "loose" on the long case
     lens, H, G, T = CASES["gqa3-long"]
@@ -226,8 +243,8 @@ def test_select_never_past_seq_lens():
             for g in range(H // G):
                 assert (idx[b, g, :count[b, g]] < n).all()
     # through partial_qk's -inf tails
-    pq, pk = torch.randn(3, H, 12), torch.randn(3, H // G, T, 12)
-    s = partial_qk_ref(pq, pk, seq_lens, torch.tensor([2, 0, 1], dtype=torch.int32))
+    q, cols, pk = torch.randn(3, H, 16), torch.randn(3, H // G, 16, 12), torch.randn(3, H // G, 12, T)
+    s = partial_qk_ref(q, cols, pk, seq_lens, torch.tensor([2, 0, 1], dtype=torch.int32), 0.25)
     idx, count = run_both(s, seq_lens, float("inf"), 1.0, G, T)
     assert count.tolist() == [[37] * 3, [5] * 3, [1] * 3]
 
