@@ -395,6 +395,7 @@ def main(argv=None) -> int:
     p.add_argument("--sinks", type=int, default=None, help="window: first tokens always kept")
     p.add_argument("--partial-ratio", type=float, default=None)
     p.add_argument("--dense-layers", type=int, default=None)
+    p.add_argument("--recent", type=int, default=None, help="infinigen: last N cached tokens always fetched")
     p.add_argument("--cpu-kv-limit", default=None, help="infinigen: host pool limit, bytes or a fraction")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=8192)
@@ -414,7 +415,7 @@ def main(argv=None) -> int:
     dtype = resolve_dtype(args.dtype, torch.device("cuda"))
     ceiling = hbm_copy_gbps()
     h2d = pinned_h2d_gbps()
-    opts = {n: getattr(args, n) for n in ("alpha", "budget", "partial_ratio", "dense_layers", "sinks")
+    opts = {n: getattr(args, n) for n in ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "sinks")
             if getattr(args, n) is not None}
     if args.cpu_kv_limit is not None:
         from minigen.infinigen import parse_cpu_kv_limit

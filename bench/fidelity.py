@@ -42,7 +42,7 @@ INF = float("inf")
 # speculated scores)
 INFINIGEN = [dict(alpha=a, budget=b, partial_ratio=r) for a, b, r in (
     (5, 0.2, 0.2), (5, 0.2, 0.5), (8, 0.2, 0.5), (8, 0.05, 0.5), (INF, 0.02, 0.5), (INF, 0.05, 0.5),
-    (INF, 0.1, 0.5), (INF, 0.05, 0.3))]
+    (INF, 0.1, 0.5), (INF, 0.05, 0.3), (INF, 0.05, 0.75))]
 BUDGETS = (0.02, 0.05, 0.1, 0.2)
 CONFIGS = ([("dense", {})] + [("infinigen", o) for o in INFINIGEN]
            + [("h2o", dict(budget=b)) for b in BUDGETS] + [("window", dict(budget=b)) for b in BUDGETS]
@@ -52,6 +52,13 @@ CONFIGS = ([("dense", {})] + [("infinigen", o) for o in INFINIGEN]
 def label(policy: str, opts: dict) -> str:
     short = {"alpha": "a", "budget": "b", "partial_ratio": "r"}
     return policy + "".join(f" {short.get(k, k)}={v}" for k, v in opts.items())
+
+
+def wanted(args, policy: str, opts: dict) -> bool:
+    """Whether --policies / --labels select this configuration (both unset: all)."""
+    if args.policies and policy not in args.policies.split(","):
+        return False
+    return not args.labels or label(policy, opts) in [x.strip() for x in args.labels.split(",")]
 
 
 def documents(tokenizer, data: Path, num_tokens: int) -> dict[str, list[int]]:
@@ -177,6 +184,9 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", default="2048,4096,8000")
     p.add_argument("--parts", default="ppl,needle,choice")
     p.add_argument("--policies", default=None, help="only these policies (comma-separated)")
+    p.add_argument("--labels", default=None,
+                   help="only these configurations, by their report label (comma-separated, e.g. "
+                        "'dense,infinigen a=inf b=0.05 r=0.75')")
     p.add_argument("--chunk", type=int, default=512, help="per-chunk perplexity window (tokens)")
     p.add_argument("--data", default=str(ROOT / "data"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fidelity"))
@@ -208,8 +218,7 @@ def main(argv=None) -> int:
     configs = CONFIGS
     if args.quick:
         configs = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2)), ("window", dict(budget=0.2))]
-    if args.policies:
-        configs = [c for c in configs if c[0] in args.policies.split(",")]
+    configs = [c for c in configs if wanted(args, *c)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, parts = [], args.parts.split(",")
@@ -242,6 +251,7 @@ def main(argv=None) -> int:
 
 TASK_CONFIGS = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2, partial_ratio=0.5)),
                 ("infinigen", dict(alpha=INF, budget=0.05, partial_ratio=0.5)),
+                ("infinigen", dict(alpha=INF, budget=0.05, partial_ratio=0.75)),
                 ("infinigen", dict(alpha=5, budget=0.2, partial_ratio=0.2)),
                 ("h2o", dict(budget=0.05)), ("window", dict(budget=0.05)),
                 ("h2o", dict(budget=0.1)), ("window", dict(budget=0.1)), ("int4", {})]
@@ -251,7 +261,7 @@ def run_task(part: str, llm, skew, args, capacity: int):
     """needle / choice through minigen.eval for each task configuration, one loaded model."""
     from minigen.tasks import clean_essay, load_tasks, read_text, run_choice, run_needle
     configs = TASK_CONFIGS[:2] if args.quick else TASK_CONFIGS
-    configs = [(p, o) for p, o in configs if not args.policies or p in args.policies.split(",")]
+    configs = [(p, o) for p, o in configs if wanted(args, p, o)]
     if part == "needle":
         essays = sorted((Path(args.data) / "essays").glob("*.txt"))
         hay = llm.tokenizer.encode(" ".join(clean_essay(read_text(f)) for f in essays), add_special_tokens=False)

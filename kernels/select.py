@@ -3,12 +3,15 @@
 Math, for sequence b (n = seq_lens[b] tokens) and kv head g (query heads h = g*G .. g*G+G-1):
     m_h   = max_{t<n} scores[b, h, t]
     ns_t  = max_h (scores[b, h, t] - m_h)           <= 0; the group's union: any head may want t
+    ns_t  = 1  for the last `recent` tokens, n - recent <= t < n: above every other token
     C     = { t < n : ns_t > -alpha }               never empty: the argmax token has ns = 0
     cap   = min(max_select, max(1, ceil(budget * n)))   product in fp32, on the device
     sel   = C                                       if |C| <= cap
           = the cap tokens of C with the largest (ns_t, -t)   otherwise (ties: lower t wins)
     count[b, g] = |sel|;  idx[b, g, :count] = sel ascending;  idx[b, g, count:] = 0
 alpha = inf with budget >= 1 and max_select >= n selects every token t < n (the dense check).
+recent > 0 keeps the last `recent` cached tokens whatever the speculation says (the earliest of
+them if recent > cap); 0 = the paper's selection.
 Scores must be finite for t < n (what lies past n is never read: -inf, garbage, anything).
 
 Algorithm, one program per (b, g), every pass a loop over BLOCK_T-token blocks of the G score rows
@@ -20,8 +23,8 @@ Algorithm, one program per (b, g), every pass a loop over BLOCK_T-token blocks o
              alpha = inf (a fixed fetch fraction): no pass 2, |C| = n; if n <= cap, idx = 0..n-1
              is written without reading a score, else straight to the radix select.
     else     exact radix select of the cap-th largest ns. For ns <= 0, larger ns <=> smaller
-             |ns| <=> smaller float bits of |ns| ("mag", an int in [0, 2^31); -0 and +0 agree),
-             so it is the cap-th SMALLEST mag: up to six 6-bit digit passes (_DIGIT), each a
+             |ns| <=> smaller float bits of |ns|; "mag" = those bits + 1 (-0 and +0 agree), and
+             0 for the recent tokens (ns = 1), an int in [0, 2^31); so it is the cap-th SMALLEST mag: up to six 6-bit digit passes (_DIGIT), each a
              64-bin tl.histogram of the digit over tokens whose higher digits match the prefix
              found so far, then a prefix sum picks the digit. Bit-exact, no float bisection. Early exit:
              when every token of the chosen digit's bucket is needed, the lower digits cannot
@@ -70,13 +73,22 @@ _DIGIT = 6
 
 
 @triton.jit
-def _group_ns(rows, offs_t, n, g_mask, m):
-    """ns over one block: max over the group's heads of (score - m_h), -inf at t >= n.
-    rows: (BLOCK_G, 1) row pointers; m: (BLOCK_G,) per-head maxima, finite (0 on padding rows),
-    so the -inf that masked loads give (t >= n, padding rows) stays -inf through the subtraction."""
+def _group_ns(rows, offs_t, n, lo, g_mask, m):
+    """ns over one block: max over the group's heads of (score - m_h), -inf at t >= n, 0 for the
+    recent tokens lo <= t < n. rows: (BLOCK_G, 1) row pointers; m: (BLOCK_G,) per-head maxima,
+    finite (0 on padding rows), so the -inf that masked loads give (t >= n, padding rows) stays
+    -inf through the subtraction."""
     s = tl.load(rows + offs_t[None, :], mask=g_mask[:, None] & (offs_t < n)[None, :],
                 other=float("-inf"))                                        # (BLOCK_G, BLOCK_T)
-    return tl.max(s - m[:, None], axis=0)                                   # (BLOCK_T,)
+    ns = tl.max(s - m[:, None], axis=0)                                     # (BLOCK_T,)
+    return tl.where((offs_t >= lo) & (offs_t < n), 1.0, ns)
+
+
+@triton.jit
+def _mag(ns):
+    """The radix select's key: smaller = ranked first. For ns <= 0 the bits of |ns| plus one (an
+    int order that is |ns|'s order: -0 and +0 agree); 0 for the recent tokens (ns = 1 > 0)."""
+    return tl.where(ns > 0.0, 0, (ns.to(tl.int32, bitcast=True) & 0x7FFFFFFF) + 1)
 
 
 @triton.jit
@@ -84,7 +96,7 @@ def _select_kernel(
     # pointers
     Scores, SeqLens, Idx, Count, Total,
     # sizes and scalars
-    T, max_select, neg_alpha, budget,
+    T, max_select, neg_alpha, budget, recent,
     # strides (elements; the token dim is contiguous)
     stride_sb, stride_sh, stride_ib, stride_ig, stride_cb,
     # constexprs
@@ -95,6 +107,7 @@ def _select_kernel(
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
     n = tl.minimum(tl.load(SeqLens + b), T)          # clamp: a bad seq_lens must not read past a row
+    lo = n - recent                                  # tokens t >= lo rank first
 
     # ---- cap = min(max_select, max(1, ceil(budget * n))), fp32 product (the ref does the same)
     # (clamped to 2^24 >= max_select before the int conversion, so it cannot overflow)
@@ -129,7 +142,7 @@ def _select_kernel(
         num_c = tl.zeros([1], dtype=tl.int32).sum(0)  # int32 scalar carried through the loop
         for t0 in range(0, n, BLOCK_T):
             t = t0 + offs_t
-            ns = _group_ns(rows, t, n, g_mask, m)
+            ns = _group_ns(rows, t, n, lo, g_mask, m)
             keep = (ns > neg_alpha).to(tl.int32)                            # -inf never passes
             pos = num_c + tl.cumsum(keep, 0) - 1                            # slot in idx
             tl.store(idx_row + pos, t, mask=(keep != 0) & (pos < cap))
@@ -159,8 +172,8 @@ def _select_kernel(
                 hist = tl.zeros([1 << DIGIT], dtype=tl.int32)
                 for t0 in range(0, n, BLOCK_T):
                     t = t0 + offs_t
-                    ns = _group_ns(rows, t, n, g_mask, m)
-                    mag = ns.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+                    ns = _group_ns(rows, t, n, lo, g_mask, m)
+                    mag = _mag(ns)
                     match = t < n
                     if p > 0:
                         match = match & ((mag >> HI) == (prefix >> HI))
@@ -185,8 +198,8 @@ def _select_kernel(
         for t0 in range(0, n, BLOCK_T):
             t = t0 + offs_t
             t_valid = t < n
-            ns = _group_ns(rows, t, n, g_mask, m)
-            mag = ns.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            ns = _group_ns(rows, t, n, lo, g_mask, m)
+            mag = _mag(ns)
             tie = (t_valid & (mag == kth)).to(tl.int32)
             tie_rank = num_tie + tl.cumsum(tie, 0) - 1
             keep = (t_valid & ((mag < kth) | ((tie != 0) & (tie_rank < need)))).to(tl.int32)
@@ -225,7 +238,7 @@ def _to_f32(x: float) -> float:
         return math.copysign(math.inf, x)
 
 
-def _check_args(scores, seq_lens, alpha, budget, group_size, max_select) -> tuple[int, int, int, int]:
+def _check_args(scores, seq_lens, alpha, budget, group_size, max_select, recent) -> tuple[int, int, int, int]:
     """Shapes and scalars (metadata only); returns (B, H, T, Hkv)."""
     if scores.dim() != 3 or scores.dtype != torch.float32:
         raise ValueError(f"select: scores must be (B, H, T) float32, got {tuple(scores.shape)} {scores.dtype}")
@@ -240,6 +253,8 @@ def _check_args(scores, seq_lens, alpha, budget, group_size, max_select) -> tupl
         raise ValueError(f"select: budget must be >= 0 (a share of the context, 0.2 typical), got {budget}")
     if not 1 <= max_select <= 2**24:
         raise ValueError(f"select: max_select must be in [1, 2^24], got {max_select}")
+    if isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent < 2**31:
+        raise ValueError(f"select: recent must be an int >= 0 (tokens always kept), got {recent!r}")
     return B, H, T, H // group_size
 
 
@@ -265,16 +280,17 @@ def _check_total(total, device) -> None:
 
 def select(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budget: float,
            group_size: int, max_select: int, out_idx: torch.Tensor | None = None,
-           out_count: torch.Tensor | None = None, total: torch.Tensor | None = None
+           out_count: torch.Tensor | None = None, total: torch.Tensor | None = None, recent: int = 0
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens to fetch per (sequence, kv head) from speculated logits scores (B, H, T) fp32:
     returns idx (B, Hkv, max_select) int32 (ascending, zero-padded) and count (B, Hkv) int32.
     Hkv = H // group_size. alpha, budget: Python floats; max_select: the idx buffer width.
     total: an optional int64 scalar tensor that count.sum() is added to (a running counter).
+    recent: the last `recent` tokens of each row rank with its maxima (always kept, cap permitting).
     No host syncs: capturable in a CUDA graph. seq_lens[b] > T is clamped to T.
     """
     # ---- check shapes and scalars (metadata only: no device reads)
-    B, H, T, Hkv = _check_args(scores, seq_lens, alpha, budget, group_size, max_select)
+    B, H, T, Hkv = _check_args(scores, seq_lens, alpha, budget, group_size, max_select, recent)
     if scores.stride(-1) != 1:
         raise ValueError("select: scores need a contiguous token dim (stride(-1) 1)")
     # ---- allocate or take out=
@@ -287,7 +303,7 @@ def select(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budget: f
     neg_alpha = _to_f32(-float(alpha))
     _select_kernel[(B, Hkv)](
         scores, seq_lens, out_idx, out_count, out_count if total is None else total,
-        T, max_select, neg_alpha, _to_f32(min(float(budget), 2.0**31)),
+        T, max_select, neg_alpha, _to_f32(min(float(budget), 2.0**31)), recent,
         scores.stride(0), scores.stride(1), out_idx.stride(0), out_idx.stride(1), out_count.stride(0),
         GROUP=group_size, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_OUT=_BLOCK_OUT,
         ALL_CANDIDATES=neg_alpha == -math.inf, HAS_TOTAL=total is not None, DIGIT=_DIGIT,
@@ -298,12 +314,12 @@ def select(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budget: f
 
 def select_ref(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budget: float,
                group_size: int, max_select: int, out_idx: torch.Tensor | None = None,
-               out_count: torch.Tensor | None = None, total: torch.Tensor | None = None
+               out_count: torch.Tensor | None = None, total: torch.Tensor | None = None, recent: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch selection with the kernel's exact semantics (fp32 ns, fp32 cap product, ties
     to the lower index), vectorized over (B, Hkv) with stable sorts: no host syncs. O(T log T)
     per row and a few (B, H, T) temporaries: meant for the CPU path and for tests."""
-    B, H, T, Hkv = _check_args(scores, seq_lens, alpha, budget, group_size, max_select)
+    B, H, T, Hkv = _check_args(scores, seq_lens, alpha, budget, group_size, max_select, recent)
     out_idx, out_count = _check_out(out_idx, out_count, B, Hkv, max_select, scores.device)
     _check_total(total, scores.device)
     dev = scores.device
@@ -318,6 +334,7 @@ def select_ref(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budge
     m = s.amax(-1, keepdim=True)                                             # (B, H, 1)
     ns = (s - m).reshape(B, Hkv, group_size, T).amax(2)                      # (B, Hkv, T)
     ns = torch.where(valid, ns, neg_inf)                                     # (B, Hkv, T)
+    ns = torch.where(valid & (t >= n[:, None] - recent)[:, None, :], 1.0, ns)  # recent: above all
     # ---- candidates and the cap
     cand = ns > _to_f32(-float(alpha))                                       # (B, Hkv, T)
     # fp32 n times the fp32-rounded budget: one correctly rounded product, as in the kernel

@@ -24,6 +24,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "window keep (default 0.2)")
     g.add_argument("--partial-ratio", type=float, default=None, help="skewed columns kept per head, as a fraction of D (default 0.2 for D >= 128, else 0.5)")
     g.add_argument("--dense-layers", type=int, default=None, help="first layers kept dense on the GPU (default 2)")
+    g.add_argument("--recent", type=int, default=None,
+                   help="infinigen: the last N cached tokens are always fetched, within the budget (default 0, "
+                        "the paper's selection)")
     g.add_argument("--cpu-kv-limit", default=None,
                    help="host KV pool limit: bytes (e.g. 2000000000 or 2G) or a fraction in (0, 1] of the full pool "
                         "(e.g. 0.8); when full, the least-selected token outside the last 64 is overwritten")
@@ -34,7 +37,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 # which command-line policy settings each policy takes
 POLICY_FLAGS = {
     "dense": (), "offload": (), "int4": (),
-    "infinigen": ("alpha", "budget", "partial_ratio", "dense_layers", "cpu_kv_limit"),
+    "infinigen": ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "cpu_kv_limit"),
     "h2o": ("budget", "dense_layers"),
     "window": ("budget", "sinks", "dense_layers"),
 }
@@ -42,7 +45,7 @@ POLICY_FLAGS = {
 
 def policy_opts(args) -> dict:
     """The policy settings given on the command line (only those set), checked against --policy."""
-    names = ("alpha", "budget", "partial_ratio", "dense_layers", "sinks")
+    names = ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "sinks")
     opts = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "cpu_kv_limit", None) is not None:
         from minigen.infinigen import parse_cpu_kv_limit

@@ -11,6 +11,8 @@ Per layer i >= dense_layers ("pooled" layers), per decode step:
                          (the projection on the R kept skew columns happens inside the kernel)
                   idx  = {t : max over the KV head's group of s - rowmax > -alpha}, at most
                          ceil(budget * n) per (sequence, KV head)       select kernel
+                         (with recent = N > 0 the last N cached tokens rank with the row max:
+                         always fetched, within the cap)
     gather      on the gather stream, after layer i's speculation (so it overlaps layer i+1's):
                   K,V  = pool_i[slot, idx]  straight from pinned memory gather_kv kernel
     attend      at layer i, main waits on the gather stream's event, then attends over the
@@ -104,7 +106,7 @@ class InfiniGenKV(PooledKV):
     side_priority = -1
 
     def __init__(self, model, *, dtype, device, ops, alpha: float | None = None, budget: float = 0.2,
-                 partial_ratio: float | None = None, dense_layers: int = 2, skew=None,
+                 partial_ratio: float | None = None, dense_layers: int = 2, recent: int = 0, skew=None,
                  cpu_kv_limit: int | float | str | None = None, evict: str = "counter", evict_window: int = 64):
         cfg = model.config
         super().__init__(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device,
@@ -122,12 +124,18 @@ class InfiniGenKV(PooledKV):
         if not self.alpha > 0:
             raise ValueError(f"--alpha must be > 0, got {self.alpha}")
         self.budget, self.dense_layers = budget, dense_layers
+        if isinstance(recent, bool) or not isinstance(recent, int) or recent < 0:
+            raise ValueError(f"--recent must be an int >= 0 (cached tokens always fetched), got {recent!r}")
+        self.recent = recent
         self.cpu_kv_limit = None if cpu_kv_limit is None else parse_cpu_kv_limit(cpu_kv_limit)
         if evict not in EVICT_POLICIES:
             raise ValueError(f"evict must be one of {', '.join(EVICT_POLICIES)}, got {evict!r}")
         if isinstance(evict_window, bool) or not isinstance(evict_window, int) or evict_window < 0:
             raise ValueError(f"evict_window must be an int >= 0, got {evict_window!r}")
         self.evict, self.evict_window = evict, evict_window
+        if self.cpu_kv_limit is not None and recent:
+            raise NotImplementedError("--recent with --cpu-kv-limit is not supported: a limited pool reuses rows, "
+                                      "so the last rows are not the last tokens")
         if self.cpu_kv_limit is not None:
             # the engine's CUDA-graph capture runs two warm-up decode steps; with a limit their
             # evictions would drop live tokens, so a limited pool runs its steps uncaptured
@@ -264,7 +272,7 @@ class InfiniGenKV(PooledKV):
                                 self.sm_scale)                                 # (B, H, P) fp32
         idx, count = ops.select(scores, n_valid, self.alpha, self.budget, G, self.max_select,
                                 out_idx=self.idx[buf, :B], out_count=self.count[buf, :B],
-                                total=self._num_fetched)                       # counts rows fetched
+                                total=self._num_fetched, recent=self.recent)   # counts rows fetched
         if self.limited:   # every KV head that selected a row counts once for it
             live = torch.arange(self.max_select, device=idx.device) < count[..., None]   # (B, Hkv, M)
             slots = meta.slot_idx.long()[:, None, None].expand_as(idx)

@@ -87,6 +87,7 @@ def test_ctrl_c_stops_reply_and_keeps_conversation(llm, monkeypatch):
     (["--alpha", "3", "--prompt", "hi"], "do not apply to --policy dense (they apply to: infinigen)"),
     (["--policy", "infinigen", "--cpu-kv-limit", "1.5", "--prompt", "hi"], "--cpu-kv-limit"),
     (["--policy", "offload", "--cpu-kv-limit", "0.5", "--prompt", "hi"], "do not apply to --policy offload"),
+    (["--policy", "h2o", "--recent", "8", "--prompt", "hi"], "--recent do not apply to --policy h2o"),
 ])
 def test_cli_errors_are_one_line(args, msg):
     r = chat(*args)

@@ -234,6 +234,11 @@ def test_bad_limit_options(model, opts, msg):
         Engine(model, IdTokenizer(), policy="infinigen", max_seq_len=T, policy_opts=opts)
 
 
+def test_recent_with_limit_is_refused(model):
+    with pytest.raises(NotImplementedError, match="--recent with --cpu-kv-limit"):
+        Engine(model, IdTokenizer(), policy="infinigen", max_seq_len=T, policy_opts=dict(cpu_kv_limit=0.5, recent=4))
+
+
 def test_offload_refuses_limit(model):
     with pytest.raises(ValueError, match="takes no options"):
         Engine(model, IdTokenizer(), policy="offload", max_seq_len=T, policy_opts=dict(cpu_kv_limit=0.5))

@@ -64,6 +64,21 @@ def test_infinigen_budget_caps_fetch(model):
     assert 0.2 < frac <= 0.25 + 1 / 9 + 1e-9
 
 
+def test_infinigen_recent_tokens_always_fetched(model):
+    # recent=4: in every pooled layer the last 4 cached tokens are among the fetched rows, and
+    # the cap still holds; without it a fixed 10% fetch rarely takes all four
+    prompts = random_prompts(320, (60, 41), seed=9)
+    _, eng = step_logits(model, "infinigen", prompts, steps=3, alpha=float("inf"), budget=0.1, recent=4)
+    kv, n = eng.kv, eng.kv._n_valid.tolist()
+    for layer in range(kv.dense_layers, kv.num_layers):
+        idx, count = kv.idx[layer % 2], kv.count[layer % 2]
+        for b, nb in enumerate(n):
+            for g in range(kv.num_kv_heads):
+                got = set(idx[b, g, :count[b, g]].tolist())
+                assert set(range(nb - 4, nb)) <= got, (layer, b, g)
+                assert count[b, g] == -(-nb // 10)       # ceil(0.1 * n): the window is inside the cap
+
+
 def test_continued_prefill_from_pool_equals_dense(model):
     """A second prefill that continues a sequence (a chat turn) reads the earlier tokens back
     from the host pool: logits equal dense."""
@@ -84,6 +99,7 @@ def test_continued_prefill_from_pool_equals_dense(model):
     (dict(budget=0.0), "--budget must be in"),
     (dict(alpha=-1.0), "--alpha must be > 0"),
     (dict(partial_ratio=1.5), "--partial-ratio must be in"),
+    (dict(recent=-1), "--recent must be"),
 ])
 def test_infinigen_bad_options(model, opts, msg):
     with pytest.raises(ValueError, match=msg):
@@ -95,7 +111,8 @@ def test_offload_takes_no_options(model):
         Engine(model, IdTokenizer(), policy="offload", max_seq_len=32, policy_opts=dict(alpha=1.0))
 
 
-@pytest.mark.parametrize("policy,opts", [("offload", {}), ("infinigen", EXACT), ("infinigen", dict(alpha=2.0, budget=0.5))])
+@pytest.mark.parametrize("policy,opts", [("offload", {}), ("infinigen", EXACT), ("infinigen", dict(alpha=2.0, budget=0.5)),
+                                         ("infinigen", dict(alpha=float("inf"), budget=0.2, recent=3))])
 def test_policy_triton_kernels_interpreted(policy, opts):
     """The policies' kernel plumbing (strided pool views, parity buffers) with the Triton kernels
     under the interpreter, against the same policy on the torch references."""

@@ -45,7 +45,7 @@ def make_scores(lens, H, T, kind="randn", seed=0, device="cpu"):
     return s.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
 
 
-def oracle(scores, lens, alpha, budget, G, max_select):
+def oracle(scores, lens, alpha, budget, G, max_select, recent=0):
     """Brute force from the spec, Python loops over (b, g, t); fp32 arithmetic via numpy."""
     s = scores.cpu().numpy().astype(np.float32)
     B, H, T = s.shape
@@ -60,6 +60,7 @@ def oracle(scores, lens, alpha, budget, G, max_select):
             heads = range(g * G, (g + 1) * G)
             m = {h: max(s[b, h, t] for t in range(n)) for h in heads}
             ns = [max(np.float32(s[b, h, t] - m[h]) for h in heads) for t in range(n)]
+            ns = [np.float32(1.0) if t >= n - recent else ns[t] for t in range(n)]   # above all others
             cand = [t for t in range(n) if ns[t] > neg_alpha]
             chosen = sorted(sorted(cand, key=lambda t: (-ns[t], t))[:cap])
             count[b, g] = len(chosen)
@@ -67,7 +68,7 @@ def oracle(scores, lens, alpha, budget, G, max_select):
     return torch.from_numpy(idx).int(), torch.from_numpy(count).int()
 
 
-def run_both(scores, seq_lens, alpha, budget, G, max_select):
+def run_both(scores, seq_lens, alpha, budget, G, max_select, recent=0):
     """Kernel (into poisoned out= buffers) and ref; asserts they are identical; returns ref's."""
     B, H, _ = scores.shape
     out_idx = torch.full((B, H // G, max_select), POISON, dtype=torch.int32, device=scores.device)
@@ -76,9 +77,9 @@ def run_both(scores, seq_lens, alpha, budget, G, max_select):
     total = torch.tensor(start, dtype=torch.int64, device=scores.device)
     ref_total = total.clone()
     idx, count = select(scores, seq_lens, alpha, budget, G, max_select, out_idx=out_idx, out_count=out_count,
-                        total=total)
+                        total=total, recent=recent)
     assert idx is out_idx and count is out_count
-    ref_idx, ref_count = select_ref(scores, seq_lens, alpha, budget, G, max_select, total=ref_total)
+    ref_idx, ref_count = select_ref(scores, seq_lens, alpha, budget, G, max_select, total=ref_total, recent=recent)
     assert total.item() == ref_total.item() == start + int(ref_count.sum()), "total != start + sum(count)"
     assert ref_idx.dtype == torch.int32 and ref_count.dtype == torch.int32
     assert torch.equal(count, ref_count), f"counts differ:\nkernel {count.tolist()}\nref    {ref_count.tolist()}"
@@ -143,6 +144,36 @@ def test_select_digit_widths(digit, kind, tiles, monkeypatch):
         idx, count = run_both(scores, seq_lens, alpha, budget, G, max_select)
         want_idx, want_count = oracle(scores, lens, alpha, budget, G, max_select)
         assert torch.equal(count, want_count) and torch.equal(idx, want_idx)
+
+
+@pytest.mark.parametrize("tiles", ["default", "32"])
+@pytest.mark.parametrize("recent", [1, 7, 500])
+@pytest.mark.parametrize("knobs", ["binds", "loose", "all", "inf-binds"])
+def test_select_recent_matches_ref_and_oracle(knobs, recent, tiles, monkeypatch):
+    # recent > 0: the last `recent` tokens rank with the row maxima (500: longer than every row)
+    if tiles == "32":
+        small_tiles(monkeypatch)
+    lens, H, G, T = CASES["gqa3-long"]
+    alpha, budget, max_select = KNOBS[knobs]
+    scores, seq_lens = make_scores(lens, H, T, "randn", seed=13)
+    idx, count = run_both(scores, seq_lens, alpha, budget, G, max_select, recent=recent)
+    want_idx, want_count = oracle(scores, lens, alpha, budget, G, max_select, recent=recent)
+    assert torch.equal(count, want_count) and torch.equal(idx, want_idx)
+
+
+def test_select_recent_keeps_the_last_tokens():
+    # the last 5 tokens score far below everything else, yet with recent=5 all of them are kept
+    # next to the 5 best-scoring others; with recent=0 none of them is; with recent=12 > cap the
+    # cap holds and the earliest 10 of the 12 are kept
+    n, G = 100, 2
+    s = torch.randn(1, 2 * G, n) * 3
+    s[..., n - 5:] = -1.0e4
+    for recent, want_last in ((5, 5), (0, 0)):
+        idx, count = run_both(s, torch.tensor([n], dtype=torch.int32), float("inf"), 0.1, G, 10, recent=recent)
+        assert count.tolist() == [[10, 10]]
+        assert [int((row >= n - 5).sum()) for row in idx[0]] == [want_last] * 2
+    idx, count = run_both(s, torch.tensor([n], dtype=torch.int32), float("inf"), 0.1, G, 10, recent=12)
+    assert count.tolist() == [[10, 10]] and idx[0].tolist() == [list(range(n - 12, n - 2))] * 2
 
 
 def test_select_cases_cover_both_branches():
@@ -276,6 +307,9 @@ def test_select_bad_args():
         select(s, seq_lens, 4.0, 0.2, 1, 4, out_idx=torch.empty(1, 4, 5, dtype=torch.int32))
     with pytest.raises(ValueError, match="total"):
         select(s, seq_lens, 4.0, 0.2, 1, 4, total=torch.zeros(1, dtype=torch.int64))
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="recent"):
+            select(s, seq_lens, 4.0, 0.2, 1, 4, recent=bad)
 
 
 # ---------------------------------------------------------------- GPU
@@ -293,14 +327,15 @@ def test_select_cuda_small(case, knobs, kind):
 @pytest.mark.gpu
 @pytest.mark.parametrize("knobs", [(5.0, 0.2), (5.0, 0.001), (float("inf"), 1.0), (1.5, 0.01)],
                          ids=["infinigen", "cap-binds", "all", "ties"])
+@pytest.mark.parametrize("recent", [0, 16])
 @pytest.mark.parametrize("T", [8192, 32768])
 @pytest.mark.parametrize("Hkv", [32, 8])
-def test_select_cuda(Hkv, T, knobs):
+def test_select_cuda(Hkv, T, recent, knobs):
     B, H = 8, 32
     alpha, budget = knobs
     lens = [T, T - 1, T // 2 + 3, 1, 4097, T // 3, 257, T - 64]
     scores, seq_lens = make_scores(lens, H, T, "ints" if alpha == 1.5 else "randn", device="cuda")
     max_select = T if budget == 1.0 else math.ceil(budget * T) + 1
-    idx, count = run_both(scores, seq_lens, alpha, budget, H // Hkv, max_select)
+    idx, count = run_both(scores, seq_lens, alpha, budget, H // Hkv, max_select, recent=recent)
     if budget == 1.0:
         assert count[:, 0].tolist() == lens
