@@ -42,7 +42,7 @@ INF = float("inf")
 # speculated scores)
 INFINIGEN = [dict(alpha=a, budget=b, partial_ratio=r) for a, b, r in (
     (5, 0.2, 0.2), (5, 0.2, 0.5), (8, 0.2, 0.5), (8, 0.05, 0.5), (INF, 0.02, 0.5), (INF, 0.05, 0.5),
-    (INF, 0.1, 0.5), (INF, 0.05, 0.3), (INF, 0.05, 0.75))]
+    (INF, 0.1, 0.5), (INF, 0.05, 0.3), (INF, 0.05, 0.75))] + [dict(alpha=INF, budget=0.05, partial_ratio=0.5, recent=16)]
 BUDGETS = (0.02, 0.05, 0.1, 0.2)
 CONFIGS = ([("dense", {})] + [("infinigen", o) for o in INFINIGEN]
            + [("h2o", dict(budget=b)) for b in BUDGETS] + [("window", dict(budget=b)) for b in BUDGETS]
