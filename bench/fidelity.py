@@ -37,12 +37,16 @@ from decode import jsonable  # noqa: E402
 PLAYS = ("hamlet", "macbeth", "othello", "tempest")
 ESSAY_STARTS = ("gap", "love", "pow", "vw")          # runs of consecutive essays from these on
 INF = float("inf")
-# (alpha, budget, partial ratio): the artifact's defaults (r 0.2), minigen's default for D = 64
-# (r 0.5), a wider threshold, and fixed 2-10% reads (alpha inf: the top `budget` of the
-# speculated scores)
-INFINIGEN = [dict(alpha=a, budget=b, partial_ratio=r) for a, b, r in (
+# (alpha, budget, partial ratio), the paper's selection (recent 0): the artifact's defaults
+# (r 0.2), minigen's default for D = 64 (r 0.5), a wider threshold, and fixed 2-10% reads (alpha
+# inf: the top `budget` of the speculated scores); then fixed reads with the last `recent` cached
+# tokens always among them (minigen's default is 64)
+INFINIGEN = [dict(alpha=a, budget=b, partial_ratio=r, recent=0) for a, b, r in (
     (5, 0.2, 0.2), (5, 0.2, 0.5), (8, 0.2, 0.5), (8, 0.05, 0.5), (INF, 0.02, 0.5), (INF, 0.05, 0.5),
-    (INF, 0.1, 0.5), (INF, 0.05, 0.3), (INF, 0.05, 0.75))] + [dict(alpha=INF, budget=0.05, partial_ratio=0.5, recent=16)]
+    (INF, 0.1, 0.5), (INF, 0.05, 0.3), (INF, 0.05, 0.75))]
+INFINIGEN += [dict(alpha=INF, budget=b, partial_ratio=r, recent=w) for b, r, w in (
+    (0.05, 0.5, 16), (0.05, 0.5, 32), (0.05, 0.5, 64), (0.05, 0.5, 128), (0.05, 0.75, 64), (0.02, 0.5, 64),
+    (0.1, 0.5, 64))]
 BUDGETS = (0.02, 0.05, 0.1, 0.2)
 CONFIGS = ([("dense", {})] + [("infinigen", o) for o in INFINIGEN]
            + [("h2o", dict(budget=b)) for b in BUDGETS] + [("window", dict(budget=b)) for b in BUDGETS]
@@ -129,10 +133,18 @@ def write_report(rows: list[dict], out: Path, header: str) -> None:
         sub = [r for r in rows if r["part"] == part]
         if not sub:
             continue
-        lines += [f"## {part.capitalize()}", "", "| policy | accuracy | KV fraction | detail |", "|---|---:|---:|---|"]
+        # needle: the cells (length, depth, key) dense retrieves and this policy does not
+        dense = next((r for r in sub if r["policy"] == "dense" and "found" in r), None)
+        ok = {tuple(c[:3]) for c in dense["found"] if c[3]} if dense else set()
+        extra = " missed where dense retrieves |" if dense else ""
+        lines += [f"## {part.capitalize()}", "", "| policy | accuracy | KV fraction | detail |" + extra,
+                  "|---|---:|---:|---|" + ("---|" if dense else "")]
         for r in sub:
-            detail = r.get("detail", "")
-            lines.append(f"| {r['label']} | {r['accuracy']:.3f} | {r.get('fetched_fraction', 1.0):.4f} | {detail} |")
+            row = f"| {r['label']} | {r['accuracy']:.3f} | {r.get('fetched_fraction', 1.0):.4f} | {r.get('detail', '')} |"
+            if dense:
+                miss = [c for c in r.get("found", []) if tuple(c[:3]) in ok and not c[3]]
+                row += " " + (", ".join(f"{c[0]} tokens, depth {c[1]}, key {c[2]}" for c in miss) or "none") + " |"
+            lines.append(row)
         lines.append("")
     lines.append("![perplexity vs KV fraction](fidelity.png)")
     (out / "fidelity.md").write_text("\n".join(lines) + "\n")
@@ -158,13 +170,14 @@ def plot(rows: list[dict], out: Path) -> bool:
             if r["policy"] == "dense":
                 ax.axhline(r["ppl"], color="k", lw=1, label=f"dense {r['ppl']:.2f}")
         for pol, st in style.items():
-            # infinigen: one line per partial ratio (the skewed columns change its accuracy most)
-            for ratio in sorted({r["opts"].get("partial_ratio") for r in sub if r["policy"] == pol}, key=str):
+            # infinigen: one line per partial ratio and recent window (they change its accuracy most)
+            key = lambda r: (r["opts"].get("partial_ratio"), r["opts"].get("recent"))  # noqa: E731
+            for ratio, recent in sorted({key(r) for r in sub if r["policy"] == pol}, key=str):
                 pts = sorted((r["fetched_fraction"], r["ppl"]) for r in sub
-                             if r["policy"] == pol and r["opts"].get("partial_ratio") == ratio)
-                name = pol + (f" r={ratio}" if ratio is not None else "")
-                ax.plot(*zip(*pts), st if ratio in (None, 0.5) else st.replace("-", ":"), label=name,
-                        alpha=1.0 if ratio in (None, 0.5) else 0.6)
+                             if r["policy"] == pol and key(r) == (ratio, recent))
+                name = pol + (f" r={ratio}" if ratio is not None else "") + (f" recent={recent}" if recent else "")
+                main = ratio in (None, 0.5)
+                ax.plot(*zip(*pts), st if main else st.replace("-", ":"), label=name, alpha=1.0 if main else 0.6)
         ax.set_xscale("log")
         ticks = [0.02, 0.05, 0.1, 0.2, 0.3]
         ax.set_xticks(ticks, [f"{t:.0%}" for t in ticks])
@@ -204,7 +217,8 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if any(f != out / "results.jsonl" for f in files):
             (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        write_report(rows, out, rows[0].get("header", "") if rows else "")
+        headers = list(dict.fromkeys(r.get("header", "") for r in rows))   # one per invocation, in order
+        write_report(rows, out, "\n".join(f"- {h}" for h in headers if h))
         plot(rows, out)
         print(f"wrote {out}/fidelity.md from {len(rows)} results")
         return 0
@@ -249,10 +263,12 @@ def main(argv=None) -> int:
     return 0
 
 
-TASK_CONFIGS = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2, partial_ratio=0.5)),
-                ("infinigen", dict(alpha=INF, budget=0.05, partial_ratio=0.5)),
-                ("infinigen", dict(alpha=INF, budget=0.05, partial_ratio=0.75)),
-                ("infinigen", dict(alpha=5, budget=0.2, partial_ratio=0.2)),
+TASK_CONFIGS = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2, partial_ratio=0.5, recent=0)),
+                ("infinigen", dict(alpha=INF, budget=0.05, partial_ratio=0.5, recent=0)),
+                ("infinigen", dict(alpha=INF, budget=0.05, partial_ratio=0.75, recent=0)),
+                ("infinigen", dict(alpha=INF, budget=0.05, partial_ratio=0.5, recent=64)),
+                ("infinigen", dict(alpha=INF, budget=0.05, partial_ratio=0.75, recent=64)),
+                ("infinigen", dict(alpha=5, budget=0.2, partial_ratio=0.2, recent=0)),
                 ("h2o", dict(budget=0.05)), ("window", dict(budget=0.05)),
                 ("h2o", dict(budget=0.1)), ("window", dict(budget=0.1)), ("int4", {})]
 

@@ -3,15 +3,16 @@
 Math, for sequence b (n = seq_lens[b] tokens) and kv head g (query heads h = g*G .. g*G+G-1):
     m_h   = max_{t<n} scores[b, h, t]
     ns_t  = max_h (scores[b, h, t] - m_h)           <= 0; the group's union: any head may want t
-    ns_t  = 1  for the last `recent` tokens, n - recent <= t < n: above every other token
+    w     = min(recent, cap // 2)                   the recent window, at most half the cap
+    ns_t  = 1 + t  for the last w tokens, n - w <= t < n: above every other token
     C     = { t < n : ns_t > -alpha }               never empty: the argmax token has ns = 0
     cap   = min(max_select, max(1, ceil(budget * n)))   product in fp32, on the device
     sel   = C                                       if |C| <= cap
           = the cap tokens of C with the largest (ns_t, -t)   otherwise (ties: lower t wins)
     count[b, g] = |sel|;  idx[b, g, :count] = sel ascending;  idx[b, g, count:] = 0
 alpha = inf with budget >= 1 and max_select >= n selects every token t < n (the dense check).
-recent > 0 keeps the last `recent` cached tokens whatever the speculation says (the earliest of
-them if recent > cap); 0 = the paper's selection.
+recent > 0 keeps the last `recent` cached tokens whatever the speculation says, as long as they take
+at most half the cap (the rest stays with the speculation); 0 = the paper's selection.
 Scores must be finite for t < n (what lies past n is never read: -inf, garbage, anything).
 
 Algorithm, one program per (b, g), every pass a loop over BLOCK_T-token blocks of the G score rows
@@ -23,8 +24,8 @@ Algorithm, one program per (b, g), every pass a loop over BLOCK_T-token blocks o
              alpha = inf (a fixed fetch fraction): no pass 2, |C| = n; if n <= cap, idx = 0..n-1
              is written without reading a score, else straight to the radix select.
     else     exact radix select of the cap-th largest ns. For ns <= 0, larger ns <=> smaller
-             |ns| <=> smaller float bits of |ns|; "mag" = those bits + 1 (-0 and +0 agree), and
-             0 for the recent tokens (ns = 1), an int in [0, 2^31); so it is the cap-th SMALLEST mag: up to six 6-bit digit passes (_DIGIT), each a
+             |ns| <=> smaller float bits of |ns|; "mag" = those bits + w (-0 and +0 agree),
+             and n - 1 - t for the recent tokens, an int in [0, 2^31); the cap-th SMALLEST mag: up to six 6-bit digit passes (_DIGIT), each a
              64-bin tl.histogram of the digit over tokens whose higher digits match the prefix
              found so far, then a prefix sum picks the digit. Bit-exact, no float bisection. Early exit:
              when every token of the chosen digit's bucket is needed, the lower digits cannot
@@ -85,10 +86,11 @@ def _group_ns(rows, offs_t, n, lo, g_mask, m):
 
 
 @triton.jit
-def _mag(ns):
-    """The radix select's key: smaller = ranked first. For ns <= 0 the bits of |ns| plus one (an
-    int order that is |ns|'s order: -0 and +0 agree); 0 for the recent tokens (ns = 1 > 0)."""
-    return tl.where(ns > 0.0, 0, (ns.to(tl.int32, bitcast=True) & 0x7FFFFFFF) + 1)
+def _mag(ns, t, n, lo, w):
+    """The radix select's key: smaller = ranked first. The w recent tokens lo <= t < n first
+    (n - 1 - t < w); then the others by the bits of |ns| (ns <= 0: an int order that is |ns|'s,
+    -0 and +0 agree) plus w. Finite |ns| bits + w < 2^31 (w <= recent < 2^23)."""
+    return tl.where((t >= lo) & (t < n), n - 1 - t, (ns.to(tl.int32, bitcast=True) & 0x7FFFFFFF) + w)
 
 
 @triton.jit
@@ -107,12 +109,13 @@ def _select_kernel(
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
     n = tl.minimum(tl.load(SeqLens + b), T)          # clamp: a bad seq_lens must not read past a row
-    lo = n - recent                                  # tokens t >= lo rank first
 
     # ---- cap = min(max_select, max(1, ceil(budget * n))), fp32 product (the ref does the same)
     # (clamped to 2^24 >= max_select before the int conversion, so it cannot overflow)
     cap_f = tl.math.ceil(n.to(tl.float32) * budget)
     cap = tl.minimum(tl.minimum(tl.maximum(cap_f, 1.0), 16777216.0).to(tl.int32), max_select)
+    w = tl.minimum(recent, cap // 2)                 # the recent window: at most half the cap
+    lo = n - w                                       # tokens t >= lo rank first
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_t = tl.arange(0, BLOCK_T)
@@ -173,7 +176,7 @@ def _select_kernel(
                 for t0 in range(0, n, BLOCK_T):
                     t = t0 + offs_t
                     ns = _group_ns(rows, t, n, lo, g_mask, m)
-                    mag = _mag(ns)
+                    mag = _mag(ns, t, n, lo, w)
                     match = t < n
                     if p > 0:
                         match = match & ((mag >> HI) == (prefix >> HI))
@@ -199,7 +202,7 @@ def _select_kernel(
             t = t0 + offs_t
             t_valid = t < n
             ns = _group_ns(rows, t, n, lo, g_mask, m)
-            mag = _mag(ns)
+            mag = _mag(ns, t, n, lo, w)
             tie = (t_valid & (mag == kth)).to(tl.int32)
             tie_rank = num_tie + tl.cumsum(tie, 0) - 1
             keep = (t_valid & ((mag < kth) | ((tie != 0) & (tie_rank < need)))).to(tl.int32)
@@ -253,7 +256,7 @@ def _check_args(scores, seq_lens, alpha, budget, group_size, max_select, recent)
         raise ValueError(f"select: budget must be >= 0 (a share of the context, 0.2 typical), got {budget}")
     if not 1 <= max_select <= 2**24:
         raise ValueError(f"select: max_select must be in [1, 2^24], got {max_select}")
-    if isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent < 2**31:
+    if isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent < 2**23:
         raise ValueError(f"select: recent must be an int >= 0 (tokens always kept), got {recent!r}")
     return B, H, T, H // group_size
 
@@ -334,12 +337,14 @@ def select_ref(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budge
     m = s.amax(-1, keepdim=True)                                             # (B, H, 1)
     ns = (s - m).reshape(B, Hkv, group_size, T).amax(2)                      # (B, Hkv, T)
     ns = torch.where(valid, ns, neg_inf)                                     # (B, Hkv, T)
-    ns = torch.where(valid & (t >= n[:, None] - recent)[:, None, :], 1.0, ns)  # recent: above all
     # ---- candidates and the cap
-    cand = ns > _to_f32(-float(alpha))                                       # (B, Hkv, T)
     # fp32 n times the fp32-rounded budget: one correctly rounded product, as in the kernel
     cap = torch.ceil(n.float() * _to_f32(min(float(budget), 2.0**31)))     # (B,) fp32
     cap = cap.clamp(min=1.0).clamp(max=float(max_select)).long()             # (B,)
+    # the recent tokens (at most half the cap) above all others (1 + t is exact in fp32 below 2^24)
+    w = torch.clamp(cap // 2, max=recent)                                    # (B,)
+    ns = torch.where(valid & (t >= n[:, None] - w[:, None])[:, None, :], 1.0 + t.float(), ns)
+    cand = ns > _to_f32(-float(alpha))                                       # (B, Hkv, T)
     # ---- rank of each token in the order (ns desc, t asc): a stable descending sort
     order = torch.sort(ns, dim=-1, descending=True, stable=True).indices    # (B, Hkv, T)
     rank = torch.empty_like(order).scatter_(-1, order, t.expand_as(order))   # (B, Hkv, T)

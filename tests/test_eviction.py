@@ -31,13 +31,14 @@ def row_bytes(model, num_slots):
 @pytest.mark.parametrize("opts", [EXACT, SPARSE])
 def test_limit_above_context_equals_unlimited(model, opts):
     opts = dict(opts, dense_layers=1)
-    want, _ = step_logits(model, "infinigen", PROMPTS, steps=12, **opts)
+    # a limited pool runs without the recent window (its default there), so compare with recent=0
+    want, _ = step_logits(model, "infinigen", PROMPTS, steps=12, recent=0, **opts)
     # 64 rows < 96 slot tokens: the limited (row-indexed) path runs, but 23 + 12 tokens never fill it
     for limit in (64 / T, 64 * row_bytes(model, len(PROMPTS))):
         got, eng = step_logits(model, "infinigen", PROMPTS, steps=12, cpu_kv_limit=limit, evict_window=4, **opts)
         assert eng.kv.limited and eng.kv.pool.k.shape[2] == 64 and eng.kv.pk.shape[4] == 64
         torch.testing.assert_close(got, want, atol=0, rtol=0)
-    toks, _ = greedy(model, "infinigen", PROMPTS, **opts)
+    toks, _ = greedy(model, "infinigen", PROMPTS, recent=0, **opts)
     toks_lim, eng = greedy(model, "infinigen", PROMPTS, cpu_kv_limit=64 / T, evict_window=4, **opts)
     assert toks_lim == toks
     assert eng.kv.stats()["host_kv_tokens"] == 64
@@ -251,7 +252,7 @@ def test_limited_pool_runs_on_cuda():
     hf = tiny_hf_model(tiny_llama_config(num_hidden_layers=4, num_key_value_heads=2))
     m = minigen_from_hf(hf, device="cuda")
     opts = dict(SPARSE, dense_layers=1)
-    want, _ = step_logits(m, "infinigen", PROMPTS, steps=12, **opts)
+    want, _ = step_logits(m, "infinigen", PROMPTS, steps=12, recent=0, **opts)   # a limited pool: recent 0
     got, eng = step_logits(m, "infinigen", PROMPTS, steps=12, cpu_kv_limit=64 / T, evict_window=4, **opts)
     assert eng.kv.limited and eng.kv.pool.k.is_pinned()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -65,10 +65,10 @@ def test_infinigen_budget_caps_fetch(model):
 
 
 def test_infinigen_recent_tokens_always_fetched(model):
-    # recent=4: in every pooled layer the last 4 cached tokens are among the fetched rows, and
-    # the cap still holds; without it a fixed 10% fetch rarely takes all four
+    # recent=4 (under half the cap of 11+): in every pooled layer the last 4 cached tokens are
+    # among the fetched rows, and the cap still holds
     prompts = random_prompts(320, (60, 41), seed=9)
-    _, eng = step_logits(model, "infinigen", prompts, steps=3, alpha=float("inf"), budget=0.1, recent=4)
+    _, eng = step_logits(model, "infinigen", prompts, steps=3, alpha=float("inf"), budget=0.25, recent=4)
     kv, n = eng.kv, eng.kv._n_valid.tolist()
     for layer in range(kv.dense_layers, kv.num_layers):
         idx, count = kv.idx[layer % 2], kv.count[layer % 2]
@@ -76,7 +76,7 @@ def test_infinigen_recent_tokens_always_fetched(model):
             for g in range(kv.num_kv_heads):
                 got = set(idx[b, g, :count[b, g]].tolist())
                 assert set(range(nb - 4, nb)) <= got, (layer, b, g)
-                assert count[b, g] == -(-nb // 10)       # ceil(0.1 * n): the window is inside the cap
+                assert count[b, g] == -(-nb // 4)        # ceil(0.25 * n): the window is inside the cap
 
 
 def test_continued_prefill_from_pool_equals_dense(model):
