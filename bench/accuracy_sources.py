@@ -8,7 +8,8 @@ and the skewed-column choice of spec varied (sum: |q|+|k| column sums, minigen's
     python bench/accuracy_sources.py CONTEXT PREFIX NDOCS mode:alpha:budget:ratio[:score] ...
     e.g. python bench/accuracy_sources.py 8000 6000 2 dense:0:0:0 spec:5:0.2:0.5 oracle:5:0.2:0.2
 
-Outputs one JSON line per configuration. (bench/results/issue4/accuracy_*.jsonl; the "renorm"
+Every mode selects with the paper's rule (no recent window: recent=0), as when the committed results
+were measured. Outputs one JSON line per configuration. (bench/results/issue4/accuracy_*.jsonl; the "renorm"
 rows there were measured with a subclass applying the next layer's norm gain to the previous
 layer's normalized input, before minigen's speculation did so itself.)"""
 import sys, math, json, time, torch
@@ -43,7 +44,7 @@ class Oracle(InfiniGenKV):
         else:
             s = self.ops.partial_qk(q, self.a_sel[j], self.pk[j], n_valid, meta.slot_idx, self.sm_scale)
         idx, count = self.ops.select(s, n_valid, self.alpha, self.budget, G, self.max_select,
-                                     out_idx=self.idx[buf, :B], out_count=self.count[buf, :B])
+                                     out_idx=self.idx[buf, :B], out_count=self.count[buf, :B], recent=self.recent)
         self._num_fetched += count.sum()   # candidates: counted once per step in begin
         self._gather(layer)
         return super().attend(layer, q, k, v)
@@ -83,7 +84,7 @@ for mode, a, b, r, *sc in CONFIGS:
         if mode == "dense":
             eng = Engine(model, tok, policy="dense", max_batch=1, max_seq_len=CTX + 1)
         else:
-            opts = dict(alpha=float(a), budget=float(b), partial_ratio=float(r), skew=skew)
+            opts = dict(alpha=float(a), budget=float(b), partial_ratio=float(r), recent=0, skew=skew)
             eng = Engine(model, tok, policy="dense", max_batch=1, max_seq_len=CTX + 1)
             eng.kv.close()
             if mode == "spec":

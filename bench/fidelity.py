@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--policies", default=None, help="only these policies (comma-separated)")
     p.add_argument("--labels", default=None,
                    help="only these configurations, by their report label (comma-separated, e.g. "
-                        "'dense,infinigen a=inf b=0.05 r=0.75')")
+                        "'dense,infinigen a=inf b=0.05 r=0.5 recent=64')")
     p.add_argument("--chunk", type=int, default=512, help="per-chunk perplexity window (tokens)")
     p.add_argument("--data", default=str(ROOT / "data"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fidelity"))
@@ -222,6 +222,10 @@ def main(argv=None) -> int:
         plot(rows, out)
         print(f"wrote {out}/fidelity.md from {len(rows)} results")
         return 0
+    known = {label(*c) for c in CONFIGS + TASK_CONFIGS}
+    unknown = [x.strip() for x in (args.labels or "").split(",") if x.strip() and x.strip() not in known]
+    if unknown:
+        raise SystemExit(f"error: --labels {unknown} match no configuration; labels are: {sorted(known)}")
     from minigen.llm import LLM
     from minigen.skew import load_skew_for
     llm = LLM(None, device=args.device)            # one loaded model; policies switch per run

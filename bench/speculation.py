@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--budget", type=float, default=0.1, help="fixed fetch fraction for the binding-cap select")
     p.add_argument("--partial-ratio", type=float, default=None)
+    p.add_argument("--recent", type=int, default=None,
+                   help="select's recent window (default: InfiniGenKV's, 64; the runs committed before it existed: 0)")
     p.add_argument("--repeat", type=int, default=30, help="calls per captured graph (pooled layers)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     args = p.parse_args(argv)
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
         print("error: bench/speculation.py times CUDA kernels; no GPU is visible", file=sys.stderr)
         return 2
     from minigen.config import ModelConfig
-    from minigen.infinigen import default_partial_ratio
+    from minigen.infinigen import DEFAULT_RECENT, default_partial_ratio
     from models.llama import rope_inv_freq, rope_tables
     cfg = ModelConfig.from_hf(dict(SHAPES[args.shape]))
     B, T, H, Hkv, D, C = args.batch, args.context, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dim
@@ -78,6 +80,7 @@ def main(argv=None) -> int:
     count = torch.zeros(B, Hkv, dtype=torch.int32, device=dev)
     fetched = torch.zeros((), dtype=torch.int64, device=dev)
     sm = D ** -0.5
+    recent = DEFAULT_RECENT if args.recent is None else args.recent
 
     def project_q():
         h = ops.rms_norm(x, norm_w, 1e-5)
@@ -91,15 +94,16 @@ def main(argv=None) -> int:
         "partial_qk": lambda: ops.partial_qk(q, a_sel, pk, seq_lens, slots, sm, out=scores),
         f"select, cap binds ({args.budget:g})":
             lambda: ops.select(scores, seq_lens, math.inf, args.budget, G, M, out_idx=idx, out_count=count,
-                               total=fetched),
+                               total=fetched, recent=recent),
         "select, cap free (alpha 5)":
             lambda: ops.select(scores, seq_lens, 5.0, 1.0, G, T, out_idx=idx_all, out_count=count,
-                               total=fetched),
+                               total=fetched, recent=recent),
     }
 
     def speculate():
         s = ops.partial_qk(project_q(), a_sel, pk, seq_lens, slots, sm)
-        ops.select(s, seq_lens, math.inf, args.budget, G, M, out_idx=idx, out_count=count, total=fetched)
+        ops.select(s, seq_lens, math.inf, args.budget, G, M, out_idx=idx, out_count=count, total=fetched,
+                   recent=recent)
 
     pieces["all (cap binds)"] = speculate
     res = {name: round(graph_us(fn, args.repeat), 2) for name, fn in pieces.items()}
@@ -114,7 +118,7 @@ def main(argv=None) -> int:
     pool.close()
     res["gather (same fraction)"] = round(gather_us, 2)
     out = dict(bench="speculation", shape=args.shape, batch=B, context=T, heads=H, kv_heads=Hkv, head_dim=D,
-               partial_cols=R, budget=args.budget, max_select=M, gpu=torch.cuda.get_device_name(),
+               partial_cols=R, budget=args.budget, recent=recent, max_select=M, gpu=torch.cuda.get_device_name(),
                torch=torch.__version__, hbm_copy_gbps=round(hbm_copy_gbps(), 1), us_per_layer=res)
     if not args.json:
         print(f"{args.shape} B={B} T={T}: speculation pieces, us per layer (graph of {args.repeat} calls)")

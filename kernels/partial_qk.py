@@ -16,11 +16,12 @@ one contiguous run of tokens, so a tile (R rows x BLOCK_T tokens) is R coalesced
 streams (a token-major (T, R) layout has 2R-byte rows, not 16-byte aligned for R = 25: scalar
 loads). Pad the token stride to a multiple of 16 elements (InfiniGenKV does) for aligned rows.
 
-Grid (cdiv(T, tokens_per_prog), Hkv, B): a program projects the query heads of its kv head onto
-the head's columns once (D x R multiply-adds per query head, from L2), then walks its run of
-tokens_per_prog tokens tile by tile: load the (BLOCK_R, BLOCK_T) key tile once, score each of the G
-query heads against it (fp32 multiply + sum over R on CUDA cores: R is 12..32, far below what
-tensor cores need, and the op is bound by the key stream). Tiles wholly below n load without a
+Grid (cdiv(T, tokens_per_prog), Hkv, B): for each of the G query heads of its kv head, a program
+projects the head's query onto the columns (D x R multiply-adds, from L2), then walks its run of
+tokens_per_prog tokens tile by tile: load the (BLOCK_R, BLOCK_T) key tile and score it (fp32
+multiply + sum over R on CUDA cores: R is 12..32, far below what tensor cores need, and the op is
+bound by the key stream). With GQA (G > 1) the run's tiles are read G times, the later passes
+mostly from L2; only G = 1 has been timed (below). Tiles wholly below n load without a
 token mask (a runtime per-token mask would split every 16-byte load into 8 scalar ones); the tile
 holding n masks rows t >= n (no traffic for them).
 

@@ -22,10 +22,11 @@ Algorithm, one program per (b, g), every pass a loop over BLOCK_T-token blocks o
              offset, stores below cap only). When |C| <= cap (the usual case: real attention is
              sparse) the answer is already written: two passes in all.
              alpha = inf (a fixed fetch fraction): no pass 2, |C| = n; if n <= cap, idx = 0..n-1
-             is written without reading a score, else straight to the radix select.
+             is written without a second read of the scores, else straight to the radix select.
     else     exact radix select of the cap-th largest ns. For ns <= 0, larger ns <=> smaller
              |ns| <=> smaller float bits of |ns|; "mag" = those bits + w (-0 and +0 agree),
-             and n - 1 - t for the recent tokens, an int in [0, 2^31); the cap-th SMALLEST mag: up to six 6-bit digit passes (_DIGIT), each a
+             and n - 1 - t for the recent tokens, an int in [0, 2^31); the cap-th SMALLEST mag:
+             up to six 6-bit digit passes (_DIGIT), each a
              64-bin tl.histogram of the digit over tokens whose higher digits match the prefix
              found so far, then a prefix sum picks the digit. Bit-exact, no float bisection. Early exit:
              when every token of the chosen digit's bucket is needed, the lower digits cannot
@@ -36,7 +37,8 @@ Algorithm, one program per (b, g), every pass a loop over BLOCK_T-token blocks o
     tail     idx[count:max_select] = 0; count; total += count (atomic) when a total is given.
 
 Cost per call (bytes; scores are fp32, rows re-read per pass mostly hit L2):
-    reads   passes * sum_b G * Hkv * n_b * 4   (passes = 2 without the cap; 3-7 when it binds)
+    reads   passes * sum_b G * Hkv * n_b * 4   (passes = 2 without the cap; up to 9 when it binds:
+                                               max, candidates, six digits, compaction)
     writes  B * Hkv * (max_select + 1) * 4     (indices, zero tail, counts)
 Grid (B, Hkv): one program streams its G rows serially, so with few programs the work is bound
 by one SM per row (the 64-bin histogram of a 6-bit digit: ~22 instructions per token per pass,
@@ -75,8 +77,8 @@ _DIGIT = 6
 
 @triton.jit
 def _group_ns(rows, offs_t, n, lo, g_mask, m):
-    """ns over one block: max over the group's heads of (score - m_h), -inf at t >= n, 0 for the
-    recent tokens lo <= t < n. rows: (BLOCK_G, 1) row pointers; m: (BLOCK_G,) per-head maxima,
+    """ns over one block: max over the group's heads of (score - m_h), -inf at t >= n, 1 for the
+    recent tokens lo <= t < n (a candidate for any alpha; their rank comes from _mag). rows: (BLOCK_G, 1) row pointers; m: (BLOCK_G,) per-head maxima,
     finite (0 on padding rows), so the -inf that masked loads give (t >= n, padding rows) stays
     -inf through the subtraction."""
     s = tl.load(rows + offs_t[None, :], mask=g_mask[:, None] & (offs_t < n)[None, :],
@@ -289,7 +291,7 @@ def select(scores: torch.Tensor, seq_lens: torch.Tensor, alpha: float, budget: f
     returns idx (B, Hkv, max_select) int32 (ascending, zero-padded) and count (B, Hkv) int32.
     Hkv = H // group_size. alpha, budget: Python floats; max_select: the idx buffer width.
     total: an optional int64 scalar tensor that count.sum() is added to (a running counter).
-    recent: the last `recent` tokens of each row rank with its maxima (always kept, cap permitting).
+    recent: the last min(recent, cap // 2) tokens of each row rank above all others (always kept).
     No host syncs: capturable in a CUDA graph. seq_lens[b] > T is clamped to T.
     """
     # ---- check shapes and scalars (metadata only: no device reads)

@@ -25,8 +25,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partial-ratio", type=float, default=None, help="skewed columns kept per head, as a fraction of D (default 0.2 for D >= 128, else 0.5)")
     g.add_argument("--dense-layers", type=int, default=None, help="first layers kept dense on the GPU (default 2)")
     g.add_argument("--recent", type=int, default=None,
-                   help="infinigen: the last N cached tokens are always fetched, within the budget (default 64; "
-                        "0 = the paper's selection, and the only choice with --cpu-kv-limit)")
+                   help="infinigen: the last N cached tokens are always fetched, taking at most half of the "
+                        "budget (default 64; 0 = the paper's selection, and the only choice with --cpu-kv-limit)")
     g.add_argument("--cpu-kv-limit", default=None,
                    help="host KV pool limit: bytes (e.g. 2000000000 or 2G) or a fraction in (0, 1] of the full pool "
                         "(e.g. 0.8); when full, the least-selected token outside the last 64 is overwritten")

@@ -151,7 +151,7 @@ def test_select_digit_widths(digit, kind, tiles, monkeypatch):
 @pytest.mark.parametrize("recent", [1, 7, 500])
 @pytest.mark.parametrize("knobs", ["binds", "loose", "all", "inf-binds"])
 def test_select_recent_matches_ref_and_oracle(knobs, recent, tiles, monkeypatch):
-    # recent > 0: the last `recent` tokens rank with the row maxima (500: longer than every row)
+    # recent > 0: the last min(recent, cap // 2) tokens rank above all others (500: longer than every row)
     if tiles == "32":
         small_tiles(monkeypatch)
     lens, H, G, T = CASES["gqa3-long"]
