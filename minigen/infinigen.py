@@ -29,18 +29,9 @@ GPU state per pooled layer: pk (S, Hkv, R, T) partial keys (token-minor: one con
 tokens per column, the token stride padded to 16 elements), a_sel (S, Hkv, D, R) the skew's
 selected columns, plus double-buffered idx/count/K/V for the gathered rows.
 
-Host-memory limit (cpu_kv_limit, paper section 5). The pooled layers' pool and pk then hold
-P < T ROWS per (layer, slot) and are indexed by row, not by position. Until a sequence has P
-cached tokens, row = position. After that each decode step's token overwrites a victim row, chosen
-per (pooled layer, sequence) on the device:
-    eligible  rows whose token is older than the last W cached tokens (evict_window)
-    counter   (default) the eligible row selected least often (counter: +1 per KV head that
-              selected it, every step), ties -> the oldest token;   fifo: the oldest token
-GPU state for it: counter (Lp, S, P) int32 and row_pos (Lp, S, P) int64 (the position held in
-each row; -1 = empty). A row always holds exactly one live token, so only live tokens are ever
-evicted. Speculation scores rows [0, min(n - 1, P)), all live. A prompt longer than P keeps its
-first P - W and last W tokens (attention sinks and the recent window); prefill attention itself
-still sees the whole prompt.
+Host-memory limit (cpu_kv_limit, paper section 5): the pool and pk then hold P < T rows per
+(layer, slot), indexed by row; minigen/hostlimit.py says which rows a prompt keeps and which row
+each new token overwrites. GPU state for it: counter (Lp, S, P) int32 and row_pos (Lp, S, P) int64.
 """
 from __future__ import annotations
 
@@ -48,8 +39,12 @@ import math
 
 import torch
 
+from minigen.hostlimit import EVICT_POLICIES, parse_cpu_kv_limit, pool_rows, prefill_plan, victim_rows
 from minigen.kv import DenseKV
 from minigen.offload import PooledKV
+
+__all__ = ["InfiniGenKV", "DEFAULT_ALPHA", "DEFAULT_RECENT", "EVICT_POLICIES", "default_partial_ratio",
+           "parse_cpu_kv_limit"]
 
 DEFAULT_ALPHA = {"llama": 5.0, "opt": 4.0}   # the artifact's thresholds
 # The last cached tokens always fetched (taking at most half the budget cap), which the paper's
@@ -58,8 +53,6 @@ DEFAULT_ALPHA = {"llama": 5.0, "opt": 4.0}   # the artifact's thresholds
 # with the last 64 (+2.85% with 16, +2.44% with 128); passkey retrieval then matches dense in every cell.
 # 0 reproduces the paper; a --cpu-kv-limit pool (rows reused) runs without it.
 DEFAULT_RECENT = 64
-EVICT_POLICIES = ("counter", "fifo")
-_SUFFIX = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def default_partial_ratio(head_dim: int) -> float:
@@ -69,36 +62,6 @@ def default_partial_ratio(head_dim: int) -> float:
     retrieved at 512 tokens, where exact selection of the same share retrieves both), at 0.5 they
     do not (bench/results/issue4/)."""
     return 0.2 if head_dim >= 128 else 0.5
-
-
-def parse_cpu_kv_limit(text) -> int | float:
-    """`--cpu-kv-limit`: bytes as an int (suffixes K/M/G/T, powers of 1024, e.g. "2G") or a
-    fraction of the full pool in (0, 1] (a number with a decimal point, e.g. "0.5")."""
-    if isinstance(text, bool):
-        raise ValueError(f"--cpu-kv-limit must be bytes or a fraction in (0, 1], got {text!r}")
-    if isinstance(text, (int, float)):
-        value = text
-    else:
-        t = str(text).strip().upper().removesuffix("B").removesuffix("I")
-        mult = _SUFFIX.get(t[-1:], 1)
-        num = t[:-1] if mult > 1 else t
-        try:
-            value = int(num) * mult
-        except ValueError:
-            try:
-                value = float(num) * mult if mult > 1 else float(num)
-            except ValueError:
-                raise ValueError(f"--cpu-kv-limit must be bytes (e.g. 2000000000 or 2G) or a fraction in "
-                                 f"(0, 1] (e.g. 0.5), got {text!r}") from None
-            if mult > 1:
-                value = int(value)
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"--cpu-kv-limit in bytes must be > 0, got {text!r}")
-    elif not 0.0 < value <= 1.0:
-        raise ValueError(f"--cpu-kv-limit as a fraction of the pool must be in (0, 1], got {text!r} "
-                         f"(give bytes as a whole number, e.g. 2000000000 or 2G)")
-    return value
 
 
 class InfiniGenKV(PooledKV):
@@ -194,54 +157,21 @@ class InfiniGenKV(PooledKV):
 
     def _pool_rows(self, num_slots: int, max_seq_len: int) -> int:
         """Rows P per (pooled layer, slot) under cpu_kv_limit (max_seq_len without one)."""
-        lim, W = self.cpu_kv_limit, self.evict_window
-        if lim is None:
-            return max_seq_len
-        if isinstance(lim, float):
-            P, what = math.floor(lim * max_seq_len), f"{lim} of {max_seq_len} tokens"
-        else:   # bytes: K and V of one token of one slot over the pooled layers, times the slots
-            row = 2 * self.pool_layers * self.num_kv_heads * self.head_dim * (torch.finfo(self.dtype).bits // 8)
-            P, what = lim // (row * num_slots), f"{lim} bytes / ({row} bytes per token x {num_slots} sequences)"
-        if P < W + 1:
-            raise ValueError(f"--cpu-kv-limit leaves {P} host KV tokens per sequence ({what}), fewer than the "
-                             f"eviction window + 1 = {W + 1}: raise --cpu-kv-limit (or lower evict_window)")
-        return min(P, max_seq_len)
+        # bytes of one token of one slot: K and V over the pooled layers
+        row = 2 * self.pool_layers * self.num_kv_heads * self.head_dim * (torch.finfo(self.dtype).bits // 8)
+        return pool_rows(self.cpu_kv_limit, max_seq_len=max_seq_len, num_slots=num_slots, row_bytes=row,
+                         evict_window=self.evict_window)
 
     def begin(self, meta) -> None:
         super().begin(meta)
         self.dense.begin(meta)
         if meta.is_prefill:
             if self.limited:
-                self._plan = self._prefill_plan(meta)
+                self._plan = prefill_plan(meta, self.rows, self.evict_window, self.device)
             return
         # the same for every pooled layer of this step: built (and counted) once, not per layer
         self._n_valid = torch.clamp(meta.seq_lens - 1, max=self.rows)            # cached rows, all live
         self._num_candidates += self._n_valid.sum() * (self.num_kv_heads * self.pool_layers)
-
-    def _prefill_plan(self, meta):
-        """Which new tokens a limited pool keeps, and in which rows (host lengths only): all of
-        them at row = position while the sequence fits in P rows; a new prompt longer than P keeps
-        its first P - W and last W tokens in rows 0..P-1."""
-        P, W = self.rows, self.evict_window
-        tok, slot, row, new_slots, start = [], [], [], [], 0
-        for s, n0, n in zip(meta.host_slots, meta.host_start, meta.host_new):
-            if n0 + n <= P:
-                keep, rows = range(n), range(n0, n0 + n)
-            elif n0:
-                raise NotImplementedError(
-                    f"a continued prefill (chat turn, or a prompt longer than the prefill chunk) to {n0 + n} tokens "
-                    f"past the host KV limit of {P} tokens per sequence is not supported: raise --cpu-kv-limit")
-            else:
-                keep, rows = [*range(P - W), *range(n - W, n)], range(P)
-            if n0 == 0:
-                new_slots.append(s)
-            tok += [start + t for t in keep]
-            slot += [s] * len(rows)
-            row += rows
-            start += n
-        dev, i64 = self.device, torch.int64
-        return dict(tok=torch.tensor(tok, dtype=i64).to(dev), slot=torch.tensor(slot, dtype=i64).to(dev),
-                    row=torch.tensor(row, dtype=i64).to(dev), new_slots=torch.tensor(new_slots, dtype=i64).to(dev))
 
     # -- speculation: runs at layer i-1 for layer i ----------------------------------------------
     def pre_attention(self, layer: int, h: torch.Tensor) -> None:
@@ -322,17 +252,11 @@ class InfiniGenKV(PooledKV):
 
     def _decode_rows(self, j: int) -> torch.Tensor:
         """The pool row of each sequence's new token in pooled layer j (B,) int64, on the device:
-        its position while the slot has free rows, else the victim (see the module docstring)."""
-        meta = self.meta
+        its position while the slot has free rows, else the victim (minigen/hostlimit.py)."""
         if not self.limited:
-            return meta.positions
-        rp = self.row_pos[j][meta.token_slot]                                   # (B, P) positions held
-        # live and older than the last W cached tokens (the new token sits at positions[b])
-        eligible = (rp >= 0) & (rp < (meta.positions - self.evict_window)[:, None])
-        key = rp if self.evict == "fifo" else self.counter[j][meta.token_slot].long() * self._capacity + rp
-        victim = key.masked_fill(~eligible, torch.iinfo(torch.int64).max).argmin(-1)    # ties: oldest
-        full = meta.seq_lens.long() - 1 >= self.rows                            # P tokens cached already
-        return torch.where(full, victim, meta.positions)
+            return self.meta.positions
+        return victim_rows(self.row_pos[j], self.counter[j], self.meta, rows=self.rows,
+                           evict_window=self.evict_window, evict=self.evict, capacity=self._capacity)
 
     def _prefill_partial_keys(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         """Pick each new sequence's R skewed columns per KV head from its prompt (column sums of

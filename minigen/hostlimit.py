@@ -1,0 +1,107 @@
+"""Host-memory limit of the infinigen pool (`--cpu-kv-limit`, InfiniGen section 5).
+
+With a limit the pooled layers' pool and partial keys hold P < T ROWS per (layer, slot) and are
+indexed by row, not by position. Until a sequence has P cached tokens, row = position. After that
+each decode step's token overwrites a victim row, chosen per (pooled layer, sequence) on the device:
+    eligible  rows whose token is older than the last W cached tokens (evict_window)
+    counter   (default) the eligible row selected least often (counter: +1 per KV head that
+              selected it, every step), ties -> the oldest token;   fifo: the oldest token
+row_pos (P,) per (layer, slot) holds the position in each row (-1 = empty). A row always holds
+exactly one live token, so only live tokens are ever evicted. Speculation scores rows
+[0, min(n - 1, P)), all live. A prompt longer than P keeps its first P - W and last W tokens
+(attention sinks and the recent window); prefill attention itself still sees the whole prompt.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+EVICT_POLICIES = ("counter", "fifo")
+_SUFFIX = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_cpu_kv_limit(text) -> int | float:
+    """`--cpu-kv-limit`: bytes as an int (suffixes K/M/G/T, powers of 1024, e.g. "2G") or a
+    fraction of the full pool in (0, 1] (a number with a decimal point, e.g. "0.5")."""
+    if isinstance(text, bool):
+        raise ValueError(f"--cpu-kv-limit must be bytes or a fraction in (0, 1], got {text!r}")
+    if isinstance(text, (int, float)):
+        value = text
+    else:
+        t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+        mult = _SUFFIX.get(t[-1:], 1)
+        num = t[:-1] if mult > 1 else t
+        try:
+            value = int(num) * mult
+        except ValueError:
+            try:
+                value = float(num) * mult if mult > 1 else float(num)
+            except ValueError:
+                raise ValueError(f"--cpu-kv-limit must be bytes (e.g. 2000000000 or 2G) or a fraction in "
+                                 f"(0, 1] (e.g. 0.5), got {text!r}") from None
+            if mult > 1:
+                value = int(value)
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"--cpu-kv-limit in bytes must be > 0, got {text!r}")
+    elif not 0.0 < value <= 1.0:
+        raise ValueError(f"--cpu-kv-limit as a fraction of the pool must be in (0, 1], got {text!r} "
+                         f"(give bytes as a whole number, e.g. 2000000000 or 2G)")
+    return value
+
+
+def pool_rows(limit, *, max_seq_len: int, num_slots: int, row_bytes: int, evict_window: int) -> int:
+    """Rows P per (pooled layer, slot) under `limit` (a parse_cpu_kv_limit value; None: no limit,
+    max_seq_len). row_bytes: K and V of one token of one slot over the pooled layers."""
+    W = evict_window
+    if limit is None:
+        return max_seq_len
+    if isinstance(limit, float):
+        P, what = math.floor(limit * max_seq_len), f"{limit} of {max_seq_len} tokens"
+    else:
+        P, what = limit // (row_bytes * num_slots), f"{limit} bytes / ({row_bytes} bytes per token x {num_slots} sequences)"
+    if P < W + 1:
+        raise ValueError(f"--cpu-kv-limit leaves {P} host KV tokens per sequence ({what}), fewer than the "
+                         f"eviction window + 1 = {W + 1}: raise --cpu-kv-limit (or lower evict_window)")
+    return min(P, max_seq_len)
+
+
+def prefill_plan(meta, P: int, W: int, device) -> dict:
+    """Which new tokens of a prefill a limited pool keeps, and in which rows (host lengths only):
+    all of them at row = position while the sequence fits in P rows; a new prompt longer than P
+    keeps its first P - W and last W tokens in rows 0..P-1. Returns device int64 tensors tok (index
+    into the prefill's tokens), slot and row (one per kept token) and new_slots (fresh sequences)."""
+    tok, slot, row, new_slots, start = [], [], [], [], 0
+    for s, n0, n in zip(meta.host_slots, meta.host_start, meta.host_new):
+        if n0 + n <= P:
+            keep, rows = range(n), range(n0, n0 + n)
+        elif n0:
+            raise NotImplementedError(
+                f"a continued prefill (chat turn, or a prompt longer than the prefill chunk) to {n0 + n} tokens "
+                f"past the host KV limit of {P} tokens per sequence is not supported: raise --cpu-kv-limit")
+        else:
+            keep, rows = [*range(P - W), *range(n - W, n)], range(P)
+        if n0 == 0:
+            new_slots.append(s)
+        tok += [start + t for t in keep]
+        slot += [s] * len(rows)
+        row += rows
+        start += n
+    i64 = torch.int64
+    return dict(tok=torch.tensor(tok, dtype=i64).to(device), slot=torch.tensor(slot, dtype=i64).to(device),
+                row=torch.tensor(row, dtype=i64).to(device), new_slots=torch.tensor(new_slots, dtype=i64).to(device))
+
+
+def victim_rows(row_pos: torch.Tensor, counter: torch.Tensor, meta, *, rows: int, evict_window: int,
+                evict: str, capacity: int) -> torch.Tensor:
+    """The row each decode step's new token takes in one pooled layer, (B,) int64 on the device: its
+    position while the slot has free rows, else the victim. row_pos / counter: that layer's
+    (S, P) positions held and selection counts; capacity: the most tokens a sequence may reach."""
+    rp = row_pos[meta.token_slot]                                            # (B, P) positions held
+    # live and older than the last W cached tokens (the new token sits at positions[b])
+    eligible = (rp >= 0) & (rp < (meta.positions - evict_window)[:, None])
+    key = rp if evict == "fifo" else counter[meta.token_slot].long() * capacity + rp
+    victim = key.masked_fill(~eligible, torch.iinfo(torch.int64).max).argmin(-1)    # ties: oldest
+    full = meta.seq_lens.long() - 1 >= rows                                  # P tokens cached already
+    return torch.where(full, victim, meta.positions)
