@@ -136,9 +136,13 @@ def pinned_h2d_gbps(nbytes: int = 1 << 30) -> float:
 
 def fill_random(t: torch.Tensor, chunk: int = 1 << 27) -> None:
     """Fill a GPU or pinned-host tensor with N(0, 1) values through device copies (fast for
-    tens of GB of pinned pool; decode cost does not depend on the values). A padded view (the
-    partial key cache) is filled through the tensor it views, padding included."""
-    flat = (t if t.is_contiguous() else t._base).view(-1)
+    tens of GB of pinned pool; decode cost does not depend on the values). GPU tensors, views
+    included (the padded partial key cache), are filled in place."""
+    if t.is_cuda:
+        t.normal_()
+        torch.cuda.synchronize()
+        return
+    flat = t.view(-1)
     src = torch.randn(min(chunk, flat.numel()), device="cuda").to(t.dtype)
     for i in range(0, flat.numel(), chunk):
         n = min(chunk, flat.numel() - i)
@@ -418,7 +422,7 @@ def main(argv=None) -> int:
     opts = {n: getattr(args, n) for n in ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "sinks")
             if getattr(args, n) is not None}
     if args.cpu_kv_limit is not None:
-        from minigen.infinigen import parse_cpu_kv_limit
+        from minigen.hostlimit import parse_cpu_kv_limit
         opts["cpu_kv_limit"] = parse_cpu_kv_limit(args.cpu_kv_limit)
     if args.text:
         from minigen.llm import LLM

@@ -59,10 +59,10 @@ def label(policy: str, opts: dict) -> str:
 
 
 def wanted(args, policy: str, opts: dict) -> bool:
-    """Whether --policies / --labels select this configuration (both unset: all)."""
+    """Whether --policies / --labels (parsed into args.label_set) select this configuration."""
     if args.policies and policy not in args.policies.split(","):
         return False
-    return not args.labels or label(policy, opts) in [x.strip() for x in args.labels.split(",")]
+    return not args.label_set or label(policy, opts) in args.label_set
 
 
 def documents(tokenizer, data: Path, num_tokens: int) -> dict[str, list[int]]:
@@ -222,8 +222,9 @@ def main(argv=None) -> int:
         plot(rows, out)
         print(f"wrote {out}/fidelity.md from {len(rows)} results")
         return 0
+    args.label_set = {x.strip() for x in (args.labels or "").split(",") if x.strip()}
     known = {label(*c) for c in CONFIGS + TASK_CONFIGS}
-    unknown = [x.strip() for x in (args.labels or "").split(",") if x.strip() and x.strip() not in known]
+    unknown = sorted(args.label_set - known)
     if unknown:
         raise SystemExit(f"error: --labels {unknown} match no configuration; labels are: {sorted(known)}")
     from minigen.llm import LLM

@@ -54,6 +54,7 @@ def main(argv=None) -> int:
         print("error: bench/speculation.py times CUDA kernels; no GPU is visible", file=sys.stderr)
         return 2
     from minigen.config import ModelConfig
+    from kernels.partial_qk import token_stride
     from minigen.infinigen import DEFAULT_RECENT, default_partial_ratio
     from models.llama import rope_inv_freq, rope_tables
     cfg = ModelConfig.from_hf(dict(SHAPES[args.shape]))
@@ -70,8 +71,7 @@ def main(argv=None) -> int:
     cos, sin = cos.to(dev), sin.to(dev)
     positions = torch.full((B,), T, dtype=torch.int64, device=dev)
     a_sel = torch.randn(B, Hkv, D, R, device=dev, dtype=dt) / math.sqrt(D)
-    pad = -(-(T + 1) // 16) * 16                                      # InfiniGenKV's padded token stride
-    pk = torch.randn(B, Hkv, R, pad, device=dev, dtype=dt)[..., :T + 1]
+    pk = torch.randn(B, Hkv, R, token_stride(T + 1), device=dev, dtype=dt)[..., :T + 1]   # as InfiniGenKV
     seq_lens = torch.full((B,), T, dtype=torch.int32, device=dev)
     slots = torch.arange(B, dtype=torch.int32, device=dev)
     M = max(1, math.ceil(args.budget * T))

@@ -14,7 +14,8 @@ element of scores is written, so a reused buffer never holds a stale row.
 Layout: the partial keys are stored token-minor, pk (S, Hkv, R, T): each of a head's R columns is
 one contiguous run of tokens, so a tile (R rows x BLOCK_T tokens) is R coalesced 16-byte-vector
 streams (a token-major (T, R) layout has 2R-byte rows, not 16-byte aligned for R = 25: scalar
-loads). Pad the token stride to a multiple of 16 elements (InfiniGenKV does) for aligned rows.
+loads). Allocate the cache with token_stride(T) (a multiple of 16 elements) and pass the [..., :T]
+view, so that every column's run starts 16-byte aligned.
 
 Grid (cdiv(T, tokens_per_prog), Hkv, B): for each of the G query heads of its kv head, a program
 projects the head's query onto the columns (D x R multiply-adds, from L2), then walks its run of
@@ -48,6 +49,11 @@ import triton.language as tl
 _BLOCK_T = 1024
 _TARGET_PROGRAMS = 1024
 _NUM_WARPS = 4
+
+
+def token_stride(T: int) -> int:
+    """The token stride to allocate a (.., R, T) partial key cache with: T rounded up to 16."""
+    return -(-T // 16) * 16
 
 
 @triton.jit

@@ -48,7 +48,7 @@ def policy_opts(args) -> dict:
     names = ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "sinks")
     opts = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "cpu_kv_limit", None) is not None:
-        from minigen.infinigen import parse_cpu_kv_limit
+        from minigen.hostlimit import parse_cpu_kv_limit
         opts["cpu_kv_limit"] = parse_cpu_kv_limit(args.cpu_kv_limit)
     wrong = [n for n in opts if n not in POLICY_FLAGS[args.policy]]
     if wrong:

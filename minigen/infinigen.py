@@ -39,12 +39,10 @@ import math
 
 import torch
 
+from kernels.partial_qk import token_stride
 from minigen.hostlimit import EVICT_POLICIES, parse_cpu_kv_limit, pool_rows, prefill_plan, victim_rows
 from minigen.kv import DenseKV
 from minigen.offload import PooledKV
-
-__all__ = ["InfiniGenKV", "DEFAULT_ALPHA", "DEFAULT_RECENT", "EVICT_POLICIES", "default_partial_ratio",
-           "parse_cpu_kv_limit"]
 
 DEFAULT_ALPHA = {"llama": 5.0, "opt": 4.0}   # the artifact's thresholds
 # The last cached tokens always fetched (taking at most half the budget cap), which the paper's
@@ -138,7 +136,7 @@ class InfiniGenKV(PooledKV):
         Lp, S, Hkv, D, R, dev = self.pool_layers, num_slots, self.num_kv_heads, self.head_dim, self.R, self.device
         # partial key cache, by row, token-minor; a token stride of a multiple of 16 elements keeps
         # every column's run 16-byte aligned for partial_qk's vector loads
-        self.pk = self._gpu((Lp, S, Hkv, R, -(-P // 16) * 16))[..., :P]
+        self.pk = self._gpu((Lp, S, Hkv, R, token_stride(P)))[..., :P]
         self.a_sel = self._gpu((Lp, S, Hkv, D, R))                             # skew columns in use
         self.max_select = max(1, min(P, math.ceil(self.budget * P)))
         if self.limited:

@@ -7,7 +7,7 @@ import torch
 
 from minigen.cli import policy_opts
 from minigen.engine import Engine
-from minigen.infinigen import parse_cpu_kv_limit
+from minigen.hostlimit import parse_cpu_kv_limit
 from tests.helpers import IdTokenizer, minigen_from_hf, random_prompts, tiny_hf_model, tiny_llama_config
 from tests.test_offload import EXACT, PROMPTS, greedy, step_logits
 
