@@ -53,16 +53,44 @@ CONFIGS = ([("dense", {})] + [("infinigen", o) for o in INFINIGEN]
            + [("int4", {})])
 
 
+SHORT = {"alpha": "a", "budget": "b", "partial_ratio": "r"}
+# the settings a configuration label may give, per policy (the policies' own keyword arguments)
+OPTIONS = {"dense": (), "offload": (), "int4": ("group_size",), "h2o": ("budget", "dense_layers"),
+           "window": ("budget", "sinks", "dense_layers"),
+           "infinigen": ("alpha", "budget", "partial_ratio", "recent", "dense_layers")}
+
+
 def label(policy: str, opts: dict) -> str:
-    short = {"alpha": "a", "budget": "b", "partial_ratio": "r"}
-    return policy + "".join(f" {short.get(k, k)}={v}" for k, v in opts.items())
+    return policy + "".join(f" {SHORT.get(k, k)}={v}" for k, v in opts.items())
 
 
-def wanted(args, policy: str, opts: dict) -> bool:
-    """Whether --policies / --labels (parsed into args.label_set) select this configuration."""
-    if args.policies and policy not in args.policies.split(","):
-        return False
-    return not args.label_set or label(policy, opts) in args.label_set
+def parse_label(text: str) -> tuple[str, dict]:
+    """A report label back into its configuration: 'infinigen a=5 b=0.1 r=0.5 recent=64' ->
+    ('infinigen', {'alpha': 5, 'budget': 0.1, 'partial_ratio': 0.5, 'recent': 64});
+    label(*parse_label(s)) == s for every label the report writes. ValueError on anything else."""
+    policy, *items = text.split()
+    if policy not in OPTIONS:
+        raise ValueError(f"{text!r}: unknown policy {policy!r} (policies: {', '.join(OPTIONS)})")
+    long = {v: k for k, v in SHORT.items()}
+    opts = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = long.get(key, key)
+        if not eq or key not in OPTIONS[policy] or key in opts:
+            raise ValueError(f"{text!r}: {item!r} is not a setting of {policy} "
+                             f"(settings: {', '.join(SHORT.get(k, k) for k in OPTIONS[policy]) or 'none'})")
+        try:
+            opts[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise ValueError(f"{text!r}: {item!r} has no number") from None
+    return policy, opts
+
+
+def chosen(args, configs: list) -> list:
+    """The configurations to run: --labels (parsed into args.label_configs) replace the built-in
+    list when given; --policies filters either."""
+    configs = args.label_configs or configs
+    return [c for c in configs if not args.policies or c[0] in args.policies.split(",")]
 
 
 def documents(tokenizer, data: Path, num_tokens: int) -> dict[str, list[int]]:
@@ -198,8 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--parts", default="ppl,needle,choice")
     p.add_argument("--policies", default=None, help="only these policies (comma-separated)")
     p.add_argument("--labels", default=None,
-                   help="only these configurations, by their report label (comma-separated, e.g. "
-                        "'dense,infinigen a=inf b=0.05 r=0.5 recent=64')")
+                   help="run these configurations instead of the built-in lists, written as the report "
+                        "labels them (comma-separated, any values, e.g. "
+                        "'dense,infinigen a=inf b=0.05 r=0.5 recent=64,infinigen a=5 b=0.1 r=0.5 recent=64')")
     p.add_argument("--chunk", type=int, default=512, help="per-chunk perplexity window (tokens)")
     p.add_argument("--data", default=str(ROOT / "data"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fidelity"))
@@ -222,11 +251,10 @@ def main(argv=None) -> int:
         plot(rows, out)
         print(f"wrote {out}/fidelity.md from {len(rows)} results")
         return 0
-    args.label_set = {x.strip() for x in (args.labels or "").split(",") if x.strip()}
-    known = {label(*c) for c in CONFIGS + TASK_CONFIGS}
-    unknown = sorted(args.label_set - known)
-    if unknown:
-        raise SystemExit(f"error: --labels {unknown} match no configuration; labels are: {sorted(known)}")
+    try:                                           # bad labels fail before the model loads
+        args.label_configs = [parse_label(x) for x in dict.fromkeys((args.labels or "").split(",")) if x.strip()]
+    except ValueError as e:
+        raise SystemExit(f"error: --labels: {e}") from None
     from minigen.llm import LLM
     from minigen.skew import load_skew_for
     llm = LLM(None, device=args.device)            # one loaded model; policies switch per run
@@ -237,7 +265,7 @@ def main(argv=None) -> int:
     configs = CONFIGS
     if args.quick:
         configs = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2)), ("window", dict(budget=0.2))]
-    configs = [c for c in configs if wanted(args, *c)]
+    configs = chosen(args, configs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, parts = [], args.parts.split(",")
@@ -281,8 +309,7 @@ TASK_CONFIGS = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2, partial_r
 def run_task(part: str, llm, skew, args, capacity: int):
     """needle / choice through minigen.eval for each task configuration, one loaded model."""
     from minigen.tasks import clean_essay, load_tasks, read_text, run_choice, run_needle
-    configs = TASK_CONFIGS[:2] if args.quick else TASK_CONFIGS
-    configs = [(p, o) for p, o in configs if wanted(args, p, o)]
+    configs = chosen(args, TASK_CONFIGS[:2] if args.quick else TASK_CONFIGS)
     if part == "needle":
         essays = sorted((Path(args.data) / "essays").glob("*.txt"))
         hay = llm.tokenizer.encode(" ".join(clean_essay(read_text(f)) for f in essays), add_special_tokens=False)

@@ -260,3 +260,19 @@ def test_cli_errors(tmp_path):
     assert r.returncode == 2 and "bad.jsonl:1:" in r.stderr and "Traceback" not in r.stderr
     r = run(["needle", "--depths", "0,2"], timeout=120)
     assert r.returncode == 2 and "error: --depths" in r.stderr
+
+
+def test_fidelity_labels_parse_back():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fidelity
+    for policy, opts in fidelity.CONFIGS + fidelity.TASK_CONFIGS:     # every label the report writes
+        text = fidelity.label(policy, opts)
+        assert fidelity.parse_label(text) == (policy, opts) and fidelity.label(*fidelity.parse_label(text)) == text
+    assert fidelity.parse_label("infinigen a=5 b=0.1 r=0.5 recent=64") == (
+        "infinigen", dict(alpha=5, budget=0.1, partial_ratio=0.5, recent=64))
+    for bad in ("infinigen a=5 recnt=64", "h2o a=5", "dense b=0.1", "infini b=0.1", "infinigen b=x",
+                "infinigen b=0.1 b=0.2", "window budget"):
+        with pytest.raises(ValueError):
+            fidelity.parse_label(bad)
+    with pytest.raises(SystemExit, match="recnt"):                     # before any model loads
+        fidelity.main(["--labels", "dense,infinigen a=5 recnt=64", "--parts", "ppl"])
