@@ -17,23 +17,29 @@ streams (a token-major (T, R) layout has 2R-byte rows, not 16-byte aligned for R
 loads). Allocate the cache with token_stride(T) (a multiple of 16 elements) and pass the [..., :T]
 view, so that every column's run starts 16-byte aligned.
 
-Grid (cdiv(T, tokens_per_prog), Hkv, B): for each of the G query heads of its kv head, a program
-projects the head's query onto the columns (D x R multiply-adds, from L2), then walks its run of
-tokens_per_prog tokens tile by tile: load the (BLOCK_R, BLOCK_T) key tile and score it (fp32
-multiply + sum over R on CUDA cores: R is 12..32, far below what tensor cores need, and the op is
-bound by the key stream). With GQA (G > 1) the run's tiles are read G times, the later passes
-mostly from L2; only G = 1 has been timed (below). Tiles wholly below n load without a
-token mask (a runtime per-token mask would split every 16-byte load into 8 scalar ones); the tile
-holding n masks rows t >= n (no traffic for them).
+Grid (cdiv(T, tokens_per_prog), H, B): a program projects its query head's query onto the kv
+head's columns (D x R multiply-adds, from L2), then walks its run of tokens_per_prog tokens tile by
+tile: load the (BLOCK_R, BLOCK_T) key tile and score it (fp32 multiply + sum over R on CUDA cores:
+R is 12..32, far below what tensor cores need, and the op is bound by the key stream). With GQA
+(G > 1) the G programs of a kv head read the same tiles, the later ones mostly from L2. One query
+head per program, measured against the G heads of a kv head looped in one program (fewer
+programs, the G passes serial) and against scoring each tile for all G heads while it is loaded
+(bench/results/issue3/partial_qk_gqa_*.txt): per head was as fast or faster in every case but
+one (Llama-3-8B shape, B=8, 8192 tokens: 21.9 against 19.0 us), 2-2.5x faster for small calls.
+Tiles wholly below n load without a token mask (a runtime per-token mask would split every
+16-byte load into 8 scalar ones); the tile holding n masks rows t >= n (no traffic for them).
 
 Cost per call (bytes):
     reads   sum_b Hkv * min(n_b, T) * R * elem(pk)        partial keys (the whole cost)
-            + programs * D * R * elem(cols) + B * H * D * elem(q)   (L2: noise)
+            + programs * D * R * elem(cols) + B * H * D * elem(q)   (L2: noise; so are the
+                                                  G - 1 re-reads of a kv head's keys, from L2)
     writes  B * H * T * 4                                 fp32 scores, -inf tails included
 Example: B=8, H=Hkv=32 (Llama-2-7B), T=n=32768, R=25, fp16: 419 MB read + 34 MB written,
 ~150 us at the ~3 TB/s an H100 streams; with GQA (Hkv=8) the reads drop to 105 MB (~45 us).
 Measured (H100, bench/speculation.py, captured graphs, projection included): B=1 8192 tokens
 5.59 us (13 MB of keys), B=1 32000 22.95 us (51 MB), B=8 8192 41.8 us (105 MB): 2.3-2.5 TB/s.
+GQA (Llama-3-8B shape, Hkv=8, G=4; partial_qk_gqa_heads.txt): B=1 8192 5.9 us, B=8 32000 68 us
+(102 MB of keys: 1.5 TB/s counting each byte once); the default model (Hkv=3, G=3), B=1 8192: 5.6 us.
 """
 from __future__ import annotations
 
@@ -71,9 +77,10 @@ def _partial_qk_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, R: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    # ---- which (run of tokens, kv head, sequence): int64 before any stride multiply
+    # ---- which (run of tokens, query head, sequence): int64 before any stride multiply
     run = tl.program_id(0)
-    kv_head = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)             # the query head; its kv head:
+    kv_head = h // GROUP
     b = tl.program_id(2).to(tl.int64)
     n_in = tl.minimum(tl.load(SeqLens + b), T)     # a bad seq_lens > T reads nothing past the buffer
     slot = tl.load(SlotIdx + b).to(tl.int64)
@@ -82,45 +89,43 @@ def _partial_qk_kernel(
     d_mask = offs_d < HEAD_DIM                                             # D = 64, 128 (or odd)
     r_mask = offs_r < R                                                    # R = 12, 25: pad to 16, 32
 
-    # ---- the head's kept skew columns, once per program: (BLOCK_D, BLOCK_R) fp32
+    # ---- the kv head's kept skew columns: (BLOCK_D, BLOCK_R) fp32
     cols = tl.load(Cols + slot * stride_cs + kv_head * stride_ch + offs_d[:, None] * stride_cd + offs_r[None, :],
                    mask=d_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
     k_rows = PK + slot * stride_ks + kv_head * stride_kh + offs_r[:, None] * stride_kr   # (BLOCK_R, 1)
     t_start = run * tokens_per_prog
     t_stop = tl.minimum(t_start + tokens_per_prog, T)
 
-    for g in tl.static_range(GROUP):
-        h = kv_head * GROUP + g
-        # ---- partial query: the query's projection on the kept columns, scaled to logit units
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-        pq = tl.sum(q[:, None] * cols, axis=0) * scale                     # (BLOCK_R,) fp32
-        out_row = Out + b * stride_ob + h * stride_oh
-        for t0 in range(t_start, t_stop, BLOCK_T):
-            offs_t = tl.max_contiguous(tl.multiple_of(t0 + tl.arange(0, BLOCK_T), BLOCK_T), BLOCK_T)
-            if t0 + BLOCK_T <= n_in:
-                # ---- a whole tile of cached tokens: a mask only along R (constant along the
-                # tokens), so each thread's 8 tokens of a column are one 16-byte load
-                k = tl.load(k_rows + offs_t[None, :], mask=r_mask[:, None], other=0.0).to(tl.float32)
-                s = tl.sum(k * pq[:, None], axis=0)                        # (BLOCK_T,) fp32
-                tl.store(out_row + offs_t, s)
-            else:
-                # ---- the tile holding seq_len (or past it): rows t >= n are masked, since the
-                # cache there is garbage (maybe NaN) and would poison the sums
-                t_store = offs_t < T                                       # the ragged last tile
-                t_valid = offs_t < n_in
-                k = tl.load(k_rows + offs_t[None, :], mask=r_mask[:, None] & t_valid[None, :],
-                            other=0.0).to(tl.float32)                      # (BLOCK_R, BLOCK_T)
-                s = tl.sum(k * pq[:, None], axis=0)
-                s = tl.where(t_valid, s, float("-inf"))                    # -inf past the sequence
-                tl.store(out_row + offs_t, s, mask=t_store)
+    # ---- partial query: the query's projection on the kept columns, scaled to logit units
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    pq = tl.sum(q[:, None] * cols, axis=0) * scale                     # (BLOCK_R,) fp32
+    out_row = Out + b * stride_ob + h * stride_oh
+    for t0 in range(t_start, t_stop, BLOCK_T):
+        offs_t = tl.max_contiguous(tl.multiple_of(t0 + tl.arange(0, BLOCK_T), BLOCK_T), BLOCK_T)
+        if t0 + BLOCK_T <= n_in:
+            # ---- a whole tile of cached tokens: a mask only along R (constant along the
+            # tokens), so each thread's 8 tokens of a column are one 16-byte load
+            k = tl.load(k_rows + offs_t[None, :], mask=r_mask[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * pq[:, None], axis=0)                        # (BLOCK_T,) fp32
+            tl.store(out_row + offs_t, s)
+        else:
+            # ---- the tile holding seq_len (or past it): rows t >= n are masked, since the
+            # cache there is garbage (maybe NaN) and would poison the sums
+            t_store = offs_t < T                                       # the ragged last tile
+            t_valid = offs_t < n_in
+            k = tl.load(k_rows + offs_t[None, :], mask=r_mask[:, None] & t_valid[None, :],
+                        other=0.0).to(tl.float32)                      # (BLOCK_R, BLOCK_T)
+            s = tl.sum(k * pq[:, None], axis=0)
+            s = tl.where(t_valid, s, float("-inf"))                    # -inf past the sequence
+            tl.store(out_row + offs_t, s, mask=t_store)
 
 
-def _launch_config(T: int, kv_heads: int, batch: int) -> dict:
+def _launch_config(T: int, heads: int, batch: int) -> dict:
     """BLOCK_T tokens per tile; whole tiles per program so that about _TARGET_PROGRAMS run (at
     least one tile each, at most 16: beyond that the projection is amortized anyway)."""
     block_t = _BLOCK_T
     tiles = triton.cdiv(T, block_t)
-    per_prog = max(1, min(16, tiles * kv_heads * batch // _TARGET_PROGRAMS))
+    per_prog = max(1, min(16, tiles * heads * batch // _TARGET_PROGRAMS))
     return dict(BLOCK_T=block_t, tokens_per_prog=per_prog * block_t, num_warps=_NUM_WARPS)
 
 
@@ -167,8 +172,8 @@ def partial_qk(q: torch.Tensor, cols: torch.Tensor, pk_cache: torch.Tensor, seq_
     if B == 0 or T == 0:
         return out
     # ---- launch: (runs of tokens, kv heads, sequences)
-    cfg = _launch_config(T, Hkv, B)
-    grid = (triton.cdiv(T, cfg["tokens_per_prog"]), Hkv, B)
+    cfg = _launch_config(T, H, B)
+    grid = (triton.cdiv(T, cfg["tokens_per_prog"]), H, B)
     _partial_qk_kernel[grid](
         q, cols, pk_cache, seq_lens, slot_idx, out,
         T, cfg["tokens_per_prog"], float(scale),
