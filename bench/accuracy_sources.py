@@ -5,11 +5,11 @@ selection made three ways, so the error sources separate:
     oracle_partial  layer i's own query against the partial keys
 and the skewed-column choice of spec varied (sum: |q|+|k| column sums, minigen's; prod; var).
 
-    python bench/accuracy_sources.py CONTEXT PREFIX NDOCS mode:alpha:budget:ratio[:score] ...
-    e.g. python bench/accuracy_sources.py 8000 6000 2 dense:0:0:0 spec:5:0.2:0.5 oracle:5:0.2:0.2
+    python bench/accuracy_sources.py CONTEXT PREFIX NDOCS mode:alpha:budget:ratio[:score[:recent]] ...
+    e.g. python bench/accuracy_sources.py 8000 6000 2 dense:0:0:0 spec:5:0.2:0.5 oracle:inf:0.05:0.5:sum:64
 
-Every mode selects with the paper's rule (no recent window: recent=0), as when the committed results
-were measured. Outputs one JSON line per configuration. (bench/results/issue4/accuracy_*.jsonl; the "renorm"
+recent (default 0: the paper's rule, as when the committed accuracy_*.jsonl were measured) is
+select's window of last tokens always kept, minigen's --recent. Outputs one JSON line per configuration. (bench/results/issue4/accuracy_*.jsonl; the "renorm"
 rows there were measured with a subclass applying the next layer's norm gain to the previous
 layer's normalized input, before minigen's speculation did so itself.)"""
 import sys, math, json, time, torch
@@ -22,7 +22,7 @@ from minigen.engine import Engine
 import fidelity
 
 CTX, PREFIX, NDOCS = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-CONFIGS = [c.split(":") for c in sys.argv[4:]]   # mode:alpha:budget:ratio:score
+CONFIGS = [c.split(":") for c in sys.argv[4:]]   # mode:alpha:budget:ratio[:score[:recent]]
 
 class Oracle(InfiniGenKV):
     """Selection at layer i from its own q: full keys (oracle) or the partial keys (oracle_partial)."""
@@ -78,13 +78,14 @@ dev = resolve_device(None); dt = resolve_dtype(None, dev)
 model, tok = load_model(None, device=dev, dtype=dt)
 skew = load_skew_for(model, tok, None)
 docs = list(fidelity.documents(tok, ROOT / "data", CTX).items())[:: max(1, 8 // NDOCS)][:NDOCS]
-for mode, a, b, r, *sc in CONFIGS:
+for mode, a, b, r, *rest in CONFIGS:
+    sc, recent = [x for x in rest[:1] if x], int(rest[1]) if len(rest) > 1 else 0
     t0 = time.time(); nlls = []; fr = []
     for name, ids in docs:
         if mode == "dense":
             eng = Engine(model, tok, policy="dense", max_batch=1, max_seq_len=CTX + 1)
         else:
-            opts = dict(alpha=float(a), budget=float(b), partial_ratio=float(r), recent=0, skew=skew)
+            opts = dict(alpha=float(a), budget=float(b), partial_ratio=float(r), recent=recent, skew=skew)
             eng = Engine(model, tok, policy="dense", max_batch=1, max_seq_len=CTX + 1)
             eng.kv.close()
             if mode == "spec":
@@ -100,6 +101,6 @@ for mode, a, b, r, *sc in CONFIGS:
         fr.append(eng.kv.stats().get("fetched_fraction", 1.0))
         eng.close()
     nll = sum(nlls) / len(nlls)
-    print(json.dumps(dict(mode=mode, score=sc[0] if sc else "", alpha=a, budget=b, ratio=r, ctx=CTX, ppl=round(math.exp(nll), 3),
+    print(json.dumps(dict(mode=mode, score=sc[0] if sc else "", recent=recent, alpha=a, budget=b, ratio=r, ctx=CTX, ppl=round(math.exp(nll), 3),
                           per=[round(math.exp(x), 3) for x in nlls], frac=round(sum(fr) / len(fr), 4),
                           s=round(time.time() - t0, 1))), flush=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -64,10 +65,15 @@ def label(policy: str, opts: dict) -> str:
     return policy + "".join(f" {SHORT.get(k, k)}={v}" for k, v in opts.items())
 
 
+INT_OPTIONS = ("recent", "sinks", "dense_layers", "group_size")                 # whole numbers >= 0
+FRACTIONS = ("budget", "partial_ratio")                                         # in (0, 1]
+
+
 def parse_label(text: str) -> tuple[str, dict]:
     """A report label back into its configuration: 'infinigen a=5 b=0.1 r=0.5 recent=64' ->
     ('infinigen', {'alpha': 5, 'budget': 0.1, 'partial_ratio': 0.5, 'recent': 64});
-    label(*parse_label(s)) == s for every label the report writes. ValueError on anything else."""
+    label(*parse_label(s)) == s for every label the report writes. ValueError on anything else
+    (unknown policy or setting, a setting given twice, a value out of its range)."""
     policy, *items = text.split()
     if policy not in OPTIONS:
         raise ValueError(f"{text!r}: unknown policy {policy!r} (policies: {', '.join(OPTIONS)})")
@@ -76,20 +82,47 @@ def parse_label(text: str) -> tuple[str, dict]:
     for item in items:
         key, eq, value = item.partition("=")
         key = long.get(key, key)
-        if not eq or key not in OPTIONS[policy] or key in opts:
+        if not eq or key not in OPTIONS[policy]:
             raise ValueError(f"{text!r}: {item!r} is not a setting of {policy} "
                              f"(settings: {', '.join(SHORT.get(k, k) for k in OPTIONS[policy]) or 'none'})")
-        try:
-            opts[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            raise ValueError(f"{text!r}: {item!r} has no number") from None
+        if key in opts:
+            raise ValueError(f"{text!r}: {SHORT.get(key, key)} is given twice")
+        if key in INT_OPTIONS:
+            if not value.isdigit():
+                raise ValueError(f"{text!r}: {item!r} must be a whole number >= 0")
+            opts[key] = int(value)
+            continue
+        if not re.fullmatch(r"inf|[0-9]+(\.[0-9]+)?(e-?[0-9]+)?", value):
+            raise ValueError(f"{text!r}: {item!r} must be a positive number (or inf)")
+        v = int(value) if value.isdigit() else float(value)
+        if v <= 0 or (key in FRACTIONS and v > 1):
+            raise ValueError(f"{text!r}: {item!r} must be " + ("in (0, 1]" if key in FRACTIONS else "> 0"))
+        opts[key] = v
     return policy, opts
+
+
+def parse_labels(labels: str | None, policies: str | None) -> list[tuple[str, dict]]:
+    """--labels: the distinct configurations, in order; ValueError if none, or if --policies
+    leaves one out (it would not run)."""
+    configs = {}
+    for text in labels.split(","):
+        if text.strip():
+            policy, opts = parse_label(text)
+            configs.setdefault((policy, frozenset(opts.items())), (policy, opts))   # a=5 == a=5.0
+    if not configs:
+        raise ValueError("no configuration given")
+    if policies:
+        left_out = [label(p, o) for p, o in configs.values() if p not in policies.split(",")]
+        if left_out:
+            raise ValueError(f"{left_out} are not among --policies {policies}")
+    return list(configs.values())
 
 
 def chosen(args, configs: list) -> list:
     """The configurations to run: --labels (parsed into args.label_configs) replace the built-in
-    list when given; --policies filters either."""
-    configs = args.label_configs or configs
+    list when given; --policies filters the built-in list."""
+    if args.label_configs is not None:
+        return args.label_configs
     return [c for c in configs if not args.policies or c[0] in args.policies.split(",")]
 
 
@@ -252,7 +285,7 @@ def main(argv=None) -> int:
         print(f"wrote {out}/fidelity.md from {len(rows)} results")
         return 0
     try:                                           # bad labels fail before the model loads
-        args.label_configs = [parse_label(x) for x in dict.fromkeys((args.labels or "").split(",")) if x.strip()]
+        args.label_configs = None if args.labels is None else parse_labels(args.labels, args.policies)
     except ValueError as e:
         raise SystemExit(f"error: --labels: {e}") from None
     from minigen.llm import LLM

@@ -25,7 +25,8 @@ R is 12..32, far below what tensor cores need, and the op is bound by the key st
 head per program, measured against the G heads of a kv head looped in one program (fewer
 programs, the G passes serial) and against scoring each tile for all G heads while it is loaded
 (bench/results/issue3/partial_qk_gqa_*.txt): per head was as fast or faster in every case but
-one (Llama-3-8B shape, B=8, 8192 tokens: 21.9 against 19.0 us), 2-2.5x faster for small calls.
+two (Llama-3-8B shape, B=8, 8192 tokens: 21.9 against 19.0 us; B=1, 32000: 13.0 against 12.5),
+2-2.9x faster for small calls.
 Tiles wholly below n load without a token mask (a runtime per-token mask would split every
 16-byte load into 8 scalar ones); the tile holding n masks rows t >= n (no traffic for them).
 
@@ -171,7 +172,7 @@ def partial_qk(q: torch.Tensor, cols: torch.Tensor, pk_cache: torch.Tensor, seq_
                          f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
     if B == 0 or T == 0:
         return out
-    # ---- launch: (runs of tokens, kv heads, sequences)
+    # ---- launch: (runs of tokens, query heads, sequences)
     cfg = _launch_config(T, H, B)
     grid = (triton.cdiv(T, cfg["tokens_per_prog"]), H, B)
     _partial_qk_kernel[grid](

@@ -262,17 +262,33 @@ def test_cli_errors(tmp_path):
     assert r.returncode == 2 and "error: --depths" in r.stderr
 
 
-def test_fidelity_labels_parse_back():
-    sys.path.insert(0, str(ROOT / "bench"))
+def test_fidelity_labels_parse_back(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import fidelity
     for policy, opts in fidelity.CONFIGS + fidelity.TASK_CONFIGS:     # every label the report writes
         text = fidelity.label(policy, opts)
         assert fidelity.parse_label(text) == (policy, opts) and fidelity.label(*fidelity.parse_label(text)) == text
     assert fidelity.parse_label("infinigen a=5 b=0.1 r=0.5 recent=64") == (
         "infinigen", dict(alpha=5, budget=0.1, partial_ratio=0.5, recent=64))
+    assert fidelity.parse_label("  window b=1  sinks=0 ") == ("window", dict(budget=1, sinks=0))
     for bad in ("infinigen a=5 recnt=64", "h2o a=5", "dense b=0.1", "infini b=0.1", "infinigen b=x",
-                "infinigen b=0.1 b=0.2", "window budget"):
+                "infinigen b=0.1 b=0.2", "window budget", "infinigen a=nan", "infinigen a=-inf", "infinigen b=0",
+                "infinigen b=1.5", "infinigen b=-0.1", "infinigen recent=64.0", "infinigen recent=1e2",
+                "window sinks=4.5", "infinigen b=1_0", "infinigen a=+5", "infinigen r=inf"):
         with pytest.raises(ValueError):
             fidelity.parse_label(bad)
-    with pytest.raises(SystemExit, match="recnt"):                     # before any model loads
-        fidelity.main(["--labels", "dense,infinigen a=5 recnt=64", "--parts", "ppl"])
+    # --labels: distinct configurations in order; none, or one --policies leaves out, is an error
+    assert fidelity.parse_labels("dense, dense,infinigen a=5 b=0.1,infinigen b=0.1 a=5.0", None) == [
+        ("dense", {}), ("infinigen", dict(alpha=5, budget=0.1))]
+    for labels, policies in ((",", None), ("", None), ("h2o b=0.1", "infinigen")):
+        with pytest.raises(ValueError):
+            fidelity.parse_labels(labels, policies)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before --labels was checked")
+    import minigen.llm
+    monkeypatch.setattr(minigen.llm, "LLM", no_model)
+    for labels in ("dense,infinigen a=5 recnt=64", ",", "dense"):
+        policies = ["--policies", "infinigen"] if labels == "dense" else []
+        with pytest.raises(SystemExit, match="--labels"):
+            fidelity.main(["--labels", labels, "--parts", "ppl"] + policies)
