@@ -412,6 +412,11 @@ def main(argv=None) -> int:
                    "and time the engine's own generation loop instead of a random-filled cache")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     args = p.parse_args(argv)
+    from minigen.cli import policy_opts
+    try:
+        opts = policy_opts(args)                   # the settings given, checked against --policy
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if not torch.cuda.is_available():
         print("error: bench/decode.py times CUDA decode; no GPU is visible", file=sys.stderr)
         return 2
@@ -419,11 +424,6 @@ def main(argv=None) -> int:
     dtype = resolve_dtype(args.dtype, torch.device("cuda"))
     ceiling = hbm_copy_gbps()
     h2d = pinned_h2d_gbps()
-    opts = {n: getattr(args, n) for n in ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "sinks")
-            if getattr(args, n) is not None}
-    if args.cpu_kv_limit is not None:
-        from minigen.hostlimit import parse_cpu_kv_limit
-        opts["cpu_kv_limit"] = parse_cpu_kv_limit(args.cpu_kv_limit)
     if args.text:
         from minigen.llm import LLM
         if not args.model:
