@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 from decode import jsonable  # noqa: E402
+from minigen.cli import POLICY_FLAGS  # noqa: E402
 
 PLAYS = ("hamlet", "macbeth", "othello", "tempest")
 ESSAY_STARTS = ("gap", "love", "pow", "vw")          # runs of consecutive essays from these on
@@ -55,17 +56,13 @@ CONFIGS = ([("dense", {})] + [("infinigen", o) for o in INFINIGEN]
 
 
 SHORT = {"alpha": "a", "budget": "b", "partial_ratio": "r"}
-# the settings a configuration label may give, per policy (the policies' own keyword arguments)
-OPTIONS = {"dense": (), "offload": (), "int4": ("group_size",), "h2o": ("budget", "dense_layers"),
-           "window": ("budget", "sinks", "dense_layers"),
-           "infinigen": ("alpha", "budget", "partial_ratio", "recent", "dense_layers")}
 
 
 def label(policy: str, opts: dict) -> str:
     return policy + "".join(f" {SHORT.get(k, k)}={v}" for k, v in opts.items())
 
 
-INT_OPTIONS = ("recent", "sinks", "dense_layers", "group_size")                 # whole numbers >= 0
+INT_OPTIONS = ("recent", "sinks", "dense_layers")                               # whole numbers >= 0
 FRACTIONS = ("budget", "partial_ratio")                                         # in (0, 1]
 
 
@@ -73,18 +70,19 @@ def parse_label(text: str) -> tuple[str, dict]:
     """A report label back into its configuration: 'infinigen a=5 b=0.1 r=0.5 recent=64' ->
     ('infinigen', {'alpha': 5, 'budget': 0.1, 'partial_ratio': 0.5, 'recent': 64});
     label(*parse_label(s)) == s for every label the report writes. ValueError on anything else
-    (unknown policy or setting, a setting given twice, a value out of its range)."""
+    (unknown policy or setting, a setting given twice, a value out of its range). The settings a
+    policy takes are its command-line ones (minigen.cli.POLICY_FLAGS)."""
     policy, *items = text.split()
-    if policy not in OPTIONS:
-        raise ValueError(f"{text!r}: unknown policy {policy!r} (policies: {', '.join(OPTIONS)})")
+    if policy not in POLICY_FLAGS:
+        raise ValueError(f"{text!r}: unknown policy {policy!r} (policies: {', '.join(POLICY_FLAGS)})")
     long = {v: k for k, v in SHORT.items()}
     opts = {}
     for item in items:
         key, eq, value = item.partition("=")
         key = long.get(key, key)
-        if not eq or key not in OPTIONS[policy]:
+        if not eq or key not in POLICY_FLAGS[policy]:
             raise ValueError(f"{text!r}: {item!r} is not a setting of {policy} "
-                             f"(settings: {', '.join(SHORT.get(k, k) for k in OPTIONS[policy]) or 'none'})")
+                             f"(settings: {', '.join(SHORT.get(k, k) for k in POLICY_FLAGS[policy]) or 'none'})")
         if key in opts:
             raise ValueError(f"{text!r}: {SHORT.get(key, key)} is given twice")
         if key in INT_OPTIONS:
