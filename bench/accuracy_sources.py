@@ -9,8 +9,8 @@ and the skewed-column choice of spec varied (sum: |q|+|k| column sums, minigen's
     e.g. python bench/accuracy_sources.py 8000 6000 2 dense:0:0:0 spec:5:0.2:0.5 oracle:inf:0.05:0.5:sum:64
 
 recent (default 0: the paper's rule, as when the committed accuracy_*.jsonl were measured) is
-select's window of last tokens always kept, minigen's --recent. Outputs one JSON line per configuration. (bench/results/issue4/accuracy_*.jsonl; the "renorm"
-rows there were measured with a subclass applying the next layer's norm gain to the previous
+select's window of last tokens always kept, minigen's --recent. Outputs one JSON line per
+configuration. (bench/results/issue4/accuracy_*.jsonl; the "renorm" rows there were measured with a subclass applying the next layer's norm gain to the previous
 layer's normalized input, before minigen's speculation did so itself.)"""
 import sys, math, json, time, torch
 from pathlib import Path
@@ -79,7 +79,7 @@ model, tok = load_model(None, device=dev, dtype=dt)
 skew = load_skew_for(model, tok, None)
 docs = list(fidelity.documents(tok, ROOT / "data", CTX).items())[:: max(1, 8 // NDOCS)][:NDOCS]
 for mode, a, b, r, *rest in CONFIGS:
-    sc, recent = [x for x in rest[:1] if x], int(rest[1]) if len(rest) > 1 else 0
+    col_score, recent = rest[0] if rest else "", int(rest[1]) if len(rest) > 1 else 0
     t0 = time.time(); nlls = []; fr = []
     for name, ids in docs:
         if mode == "dense":
@@ -89,7 +89,7 @@ for mode, a, b, r, *rest in CONFIGS:
             eng = Engine(model, tok, policy="dense", max_batch=1, max_seq_len=CTX + 1)
             eng.kv.close()
             if mode == "spec":
-                Scored.score = sc[0] if sc else "sum"
+                Scored.score = col_score or "sum"
                 kv = Scored(model, dtype=dt, device=dev, ops=model.ops, **opts)
             else:
                 Oracle.mode = mode
@@ -101,6 +101,6 @@ for mode, a, b, r, *rest in CONFIGS:
         fr.append(eng.kv.stats().get("fetched_fraction", 1.0))
         eng.close()
     nll = sum(nlls) / len(nlls)
-    print(json.dumps(dict(mode=mode, score=sc[0] if sc else "", recent=recent, alpha=a, budget=b, ratio=r, ctx=CTX, ppl=round(math.exp(nll), 3),
+    print(json.dumps(dict(mode=mode, score=col_score, recent=recent, alpha=a, budget=b, ratio=r, ctx=CTX, ppl=round(math.exp(nll), 3),
                           per=[round(math.exp(x), 3) for x in nlls], frac=round(sum(fr) / len(fr), 4),
                           s=round(time.time() - t0, 1))), flush=True)
