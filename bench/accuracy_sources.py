@@ -10,8 +10,9 @@ and the skewed-column choice of spec varied (sum: |q|+|k| column sums, minigen's
 
 recent (default 0: the paper's rule, as when the committed accuracy_*.jsonl were measured) is
 select's window of last tokens always kept, minigen's --recent. Outputs one JSON line per
-configuration. (bench/results/issue4/accuracy_*.jsonl; the "renorm" rows there were measured with a subclass applying the next layer's norm gain to the previous
-layer's normalized input, before minigen's speculation did so itself.)"""
+configuration. (bench/results/issue4/accuracy_*.jsonl; the "renorm" rows there were measured
+with a subclass applying the next layer's norm gain to the previous layer's normalized input,
+before minigen's speculation did so itself.)"""
 import sys, math, json, time, torch
 from pathlib import Path
 ROOT = Path.cwd(); sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "bench"))

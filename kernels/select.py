@@ -26,9 +26,9 @@ Algorithm, one program per (b, g), every pass a loop over BLOCK_T-token blocks o
     else     exact radix select of the cap-th largest ns. For ns <= 0, larger ns <=> smaller
              |ns| <=> smaller float bits of |ns|; "mag" = those bits + w (-0 and +0 agree),
              and n - 1 - t for the recent tokens, an int in [0, 2^31); the cap-th SMALLEST mag:
-             up to six 6-bit digit passes (_DIGIT), each a
-             64-bin tl.histogram of the digit over tokens whose higher digits match the prefix
-             found so far, then a prefix sum picks the digit. Bit-exact, no float bisection. Early exit:
+             up to six 6-bit digit passes (_DIGIT), each a 64-bin tl.histogram of the digit
+             over tokens whose higher digits match the prefix found so far, then a prefix sum
+             picks the digit. Bit-exact, no float bisection. Early exit:
              when every token of the chosen digit's bucket is needed, the lower digits cannot
              change the answer (kth = the bucket's largest mag, all its tokens kept), so the
              remaining passes are skipped (after 18-24 bits the bucket is usually one token).
@@ -46,8 +46,9 @@ an estimate from its lowering: a ballot per bit, then 2 bins per lane), not by b
 Measured (H100, bench/speculation.py, captured graph, L2-warm scores; bench/results/issue3/):
 B=1, H=Hkv=32, n=8192, the cap binding at 10%: 25.2 us (on randn scores in the digit-width
 sweep: 28.2 us, 8-bit digits 33.5; 34.7 before the early exit, the alpha=inf shortcut and
-8192-token blocks); the same without the cap (alpha 5): 6.8 us. Inside a decode step, sharing the SMs with the main stream's GEMVs, the
-capped call takes 58-81 us (timeline_b1_8k_10pct_fused_qk.txt).
+8192-token blocks); the same without the cap (alpha 5): 6.8 us. Inside a decode step, sharing
+the SMs with the main stream's GEMVs, the capped call takes 58-81 us
+(timeline_b1_8k_10pct_fused_qk.txt).
 """
 from __future__ import annotations
 
@@ -78,9 +79,9 @@ _DIGIT = 6
 @triton.jit
 def _group_ns(rows, offs_t, n, lo, g_mask, m):
     """ns over one block: max over the group's heads of (score - m_h), -inf at t >= n, 1 for the
-    recent tokens lo <= t < n (a candidate for any alpha; their rank comes from _mag). rows: (BLOCK_G, 1) row pointers; m: (BLOCK_G,) per-head maxima,
-    finite (0 on padding rows), so the -inf that masked loads give (t >= n, padding rows) stays
-    -inf through the subtraction."""
+    recent tokens lo <= t < n (a candidate for any alpha; their rank comes from _mag).
+    rows: (BLOCK_G, 1) row pointers; m: (BLOCK_G,) per-head maxima, finite (0 on padding rows),
+    so the -inf that masked loads give (t >= n, padding rows) stays -inf through the subtraction."""
     s = tl.load(rows + offs_t[None, :], mask=g_mask[:, None] & (offs_t < n)[None, :],
                 other=float("-inf"))                                        # (BLOCK_G, BLOCK_T)
     ns = tl.max(s - m[:, None], axis=0)                                     # (BLOCK_T,)
