@@ -149,9 +149,9 @@ class _BudgetKV(KVPolicy):
         """After a sparse layer's prefill attention (the new K/V are in the cache)."""
 
     def stats(self) -> dict:
-        # sync: stats are read after a run, never inside a decode step
-        total = int(self._num_cached.item())
-        return {"fetched_fraction": int(self._num_kept.item()) / total if total else 0.0,
+        total = int(self._num_cached.item())       # sync: stats are read after a run, not in a step
+        kept = int(self._num_kept.item())          # sync: the same
+        return {"fetched_fraction": kept / total if total else 0.0,
                 "kv_budget": self.budget}
 
     def close(self) -> None:

@@ -98,10 +98,10 @@ def nll_report(nlls: list[torch.Tensor], starts: list[int], chunk: int = 0) -> d
     lens = [int(n.shape[0]) for n in nlls]
     host = torch.cat(nlls).double().cpu()      # sync: the one host read, after all scoring
     pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])
-    nll = host.mean().item()
+    nll = host.mean().item()                   # sync: none, host is a CPU tensor
     per_text, off = [], 0
     for n in lens:
-        m = host[off: off + n].mean().item()
+        m = host[off: off + n].mean().item()   # sync: none (CPU tensor)
         per_text.append({"scored": n, "nll": m, "ppl": math.exp(m)})
         off += n
     res = {"ppl": math.exp(nll), "nll": nll, "scored": len(host), "per_text": per_text}
@@ -111,7 +111,7 @@ def nll_report(nlls: list[torch.Tensor], starts: list[int], chunk: int = 0) -> d
         for a in range(lo - lo % chunk, hi, chunk):
             sel = (pos >= a) & (pos < a + chunk)
             if sel.any():
-                m = host[sel].mean().item()
+                m = host[sel].mean().item()   # sync: none (CPU tensor)
                 res["chunks"].append({"start": max(a, lo), "end": min(a + chunk, hi), "tokens": int(sel.sum()),
                                       "nll": m, "ppl": math.exp(m)})
     return res

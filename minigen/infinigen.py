@@ -312,9 +312,9 @@ class InfiniGenKV(PooledKV):
         return 2 * rows * self.head_dim * (torch.finfo(self.dtype).bits // 8)
 
     def stats(self) -> dict:
-        # sync: stats are read after a run, never inside a decode step
-        total = int(self._num_candidates.item())
-        return {"fetched_fraction": int(self._num_fetched.item()) / total if total else 0.0,
+        total = int(self._num_candidates.item())   # sync: stats are read after a run, not in a step
+        fetched = int(self._num_fetched.item())    # sync: the same
+        return {"fetched_fraction": fetched / total if total else 0.0,
                 "host_pool_gib": self.pool.nbytes / 2**30 if self.pool else 0.0,
                 "host_kv_tokens": self.rows if self.pool else 0}
 
