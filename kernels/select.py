@@ -79,7 +79,7 @@ _DIGIT = 6
 @triton.jit
 def _group_ns(rows, offs_t, n, lo, g_mask, m):
     """ns over one block: max over the group's heads of (score - m_h), -inf at t >= n, 1 for the
-    recent tokens lo <= t < n (a candidate for any alpha; their rank comes from _mag).
+    recent tokens lo <= t < n (a candidate for any alpha; _mag ranks them first by ns > 0).
     rows: (BLOCK_G, 1) row pointers; m: (BLOCK_G,) per-head maxima, finite (0 on padding rows),
     so the -inf that masked loads give (t >= n, padding rows) stays -inf through the subtraction."""
     s = tl.load(rows + offs_t[None, :], mask=g_mask[:, None] & (offs_t < n)[None, :],
@@ -89,11 +89,12 @@ def _group_ns(rows, offs_t, n, lo, g_mask, m):
 
 
 @triton.jit
-def _mag(ns, t, n, lo, w):
-    """The radix select's key: smaller = ranked first. The w recent tokens lo <= t < n first
-    (n - 1 - t < w); then the others by the bits of |ns| (ns <= 0: an int order that is |ns|'s,
-    -0 and +0 agree) plus w. Finite |ns| bits + w < 2^31 (w <= recent < 2^23)."""
-    return tl.where((t >= lo) & (t < n), n - 1 - t, (ns.to(tl.int32, bitcast=True) & 0x7FFFFFFF) + w)
+def _mag(ns, t, n, w):
+    """The radix select's key: smaller = ranked first. The w recent tokens first (the only ones
+    with ns > 0, set by _group_ns: n - 1 - t < w); then the others by the bits of |ns| (ns <= 0:
+    an int order that is |ns|'s, -0 and +0 agree) plus w. Finite |ns| bits + w < 2^31
+    (w <= recent < 2^23)."""
+    return tl.where(ns > 0, n - 1 - t, (ns.to(tl.int32, bitcast=True) & 0x7FFFFFFF) + w)
 
 
 @triton.jit
@@ -179,7 +180,7 @@ def _select_kernel(
                 for t0 in range(0, n, BLOCK_T):
                     t = t0 + offs_t
                     ns = _group_ns(rows, t, n, lo, g_mask, m)
-                    mag = _mag(ns, t, n, lo, w)
+                    mag = _mag(ns, t, n, w)
                     match = t < n
                     if p > 0:
                         match = match & ((mag >> HI) == (prefix >> HI))
@@ -205,7 +206,7 @@ def _select_kernel(
             t = t0 + offs_t
             t_valid = t < n
             ns = _group_ns(rows, t, n, lo, g_mask, m)
-            mag = _mag(ns, t, n, lo, w)
+            mag = _mag(ns, t, n, w)
             tie = (t_valid & (mag == kth)).to(tl.int32)
             tie_rank = num_tie + tl.cumsum(tie, 0) - 1
             keep = (t_valid & ((mag < kth) | ((tie != 0) & (tie_rank < need)))).to(tl.int32)
