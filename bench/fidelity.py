@@ -222,12 +222,14 @@ def plot(rows: list[dict], out: Path) -> bool:
     if not ctxs:
         return False
     fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
+    colors = {}                                    # series name -> the same colour in every panel
     style = {"infinigen": "o-", "h2o": "s--", "window": "^--", "int4": "D", "offload": "x"}
+    legend = {}                                    # one legend for all panels: label -> handle
     for ax, ctx in zip(axes[0], ctxs):
         sub = [r for r in ppl if r["context"] == ctx]
-        for r in sub:
-            if r["policy"] == "dense":
-                ax.axhline(r["ppl"], color="k", lw=1, label=f"dense {r['ppl']:.2f}")
+        dense = [r["ppl"] for r in sub if r["policy"] == "dense"]
+        for v in dense:
+            ax.axhline(v, color="k", lw=1, label="dense")
         for pol, st in style.items():
             # infinigen: one line per partial ratio and recent window (they change its accuracy most)
             key = lambda r: (r["opts"].get("partial_ratio"), r["opts"].get("recent"))  # noqa: E731
@@ -236,18 +238,21 @@ def plot(rows: list[dict], out: Path) -> bool:
                              if r["policy"] == pol and key(r) == (ratio, recent))
                 name = pol + (f" r={ratio}" if ratio is not None else "") + (f" recent={recent}" if recent else "")
                 main = ratio in (None, 0.5)
-                ax.plot(*zip(*pts), st if main else st.replace("-", ":"), label=name, alpha=1.0 if main else 0.6)
+                ax.plot(*zip(*pts), st if main else st.replace("-", ":"), label=name, alpha=1.0 if main else 0.6,
+                        color=colors.setdefault(name, f"C{len(colors) % 10}"))
         ax.set_xscale("log")
         ticks = [0.02, 0.05, 0.1, 0.2, 0.3]
         ax.set_xticks(ticks, [f"{t:.0%}" for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel("mean fraction of the KV read per decode step")
         ax.set_ylabel("perplexity")
-        ax.set_title(f"SmolLM2-135M, context {ctx}")
+        ax.set_title(f"SmolLM2-135M, context {ctx}" + (f" (dense {dense[0]:.2f})" if dense else ""))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
     fig.tight_layout()
-    fig.savefig(out / "fidelity.png", dpi=120)
+    fig.legend(legend.values(), legend.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.savefig(out / "fidelity.png", dpi=120, bbox_inches="tight")
     return True
 
 
