@@ -5,8 +5,13 @@ selection made three ways, so the error sources separate:
     oracle_partial  layer i's own query against the partial keys
 and the skewed-column choice of spec varied (sum: |q|+|k| column sums, minigen's; prod; var).
 
-    python bench/accuracy_sources.py CONTEXT PREFIX NDOCS mode:alpha:budget:ratio[:score[:recent]] ...
+    python bench/accuracy_sources.py CONTEXT PREFIX DOCS mode:alpha:budget:ratio[:score[:recent]] ...
     e.g. python bench/accuracy_sources.py 8000 6000 2 dense:0:0:0 spec:5:0.2:0.5 oracle:inf:0.05:0.5:sum:64
+
+DOCS: N (N of bench/fidelity.py's 8 texts, evenly spaced: 2 = hamlet and the essays from "gap")
+or a slice a:b of them (1:2 = macbeth alone). oracle_partial with ratio 1.0 scores against every
+skewed column, which is the exact q.k (the skew is orthogonal) computed by the GPU kernels: on the
+GPU it is the fast way to the exact top-k (oracle gathers the full keys from the host pool).
 
 recent (default 0: the paper's rule, as when the committed accuracy_*.jsonl were measured) is
 select's window of last tokens always kept, minigen's --recent. Outputs one JSON line per
@@ -22,7 +27,7 @@ from minigen.infinigen import InfiniGenKV
 from minigen.engine import Engine
 import fidelity
 
-CTX, PREFIX, NDOCS = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+CTX, PREFIX, DOCS = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]   # DOCS: N, or a slice a:b
 CONFIGS = [c.split(":") for c in sys.argv[4:]]   # mode:alpha:budget:ratio[:score[:recent]]
 
 class Oracle(InfiniGenKV):
@@ -51,34 +56,25 @@ class Oracle(InfiniGenKV):
         return super().attend(layer, q, k, v)
 
 class Scored(InfiniGenKV):
-    """Column choice variants: sum |q| + sum |k| (current), product, product with centred keys."""
+    """Column choice variants: sum |q| + sum |k| (minigen's), product, E[q_d^2] * Var(k_d); each
+    scored per prefill chunk and summed over the chunks, as minigen sums its own (the committed
+    column-choice results predate that: they scored a prompt's first chunk only)."""
     score = "sum"
-    def _prefill_partial_keys(self, layer, q, k):
-        meta, j, G = self.meta, layer - self.dense_layers, self.group
-        A = self.skew[layer]
-        start = 0
-        for slot, n0, n in zip(meta.host_slots, meta.host_start, meta.host_new):
-            qs = q[start:start + n].float().view(n, self.num_kv_heads, G, -1)
-            ks = k[start:start + n].float()
-            if n0 == 0:
-                q_sk = torch.einsum("ngjd,gde->ngje", qs, A)
-                k_sk = torch.einsum("ngd,gde->nge", ks, A)
-                if self.score == "sum":
-                    score = q_sk.abs().sum((0, 2)) + k_sk.abs().sum(0)
-                elif self.score == "prod":
-                    score = q_sk.abs().sum((0, 2)) * k_sk.abs().sum(0)
-                else:   # E[q_d^2] * Var(k_d)
-                    score = q_sk.pow(2).mean((0, 2)) * k_sk.var(0)
-                sel = score.topk(self.R, dim=-1).indices.sort(-1).values
-                self.a_sel[j, slot] = torch.gather(A, 2, sel[:, None, :].expand(-1, A.shape[1], -1)).to(self.dtype)
-            pk = torch.einsum("ngd,gdr->ngr", ks, self.a_sel[j, slot].float())
-            self.pk[j, slot, :, :, n0:n0 + n] = pk.permute(1, 2, 0).to(self.dtype)
-            start += n
+    def _column_score(self, q_sk, k_sk):
+        if self.score == "sum":
+            return super()._column_score(q_sk, k_sk)
+        if self.score == "prod":
+            return q_sk.abs().sum((0, 2)) * k_sk.abs().sum(0)
+        return q_sk.pow(2).mean((0, 2)) * k_sk.var(0)
 
 dev = resolve_device(None); dt = resolve_dtype(None, dev)
 model, tok = load_model(None, device=dev, dtype=dt)
 skew = load_skew_for(model, tok, None)
-docs = list(fidelity.documents(tok, ROOT / "data", CTX).items())[:: max(1, 8 // NDOCS)][:NDOCS]
+docs = list(fidelity.documents(tok, ROOT / "data", CTX).items())   # the report's 8, in its order
+if ":" in DOCS:                                      # a:b, those of the 8 (one GPU process each)
+    docs = docs[slice(*(int(x) if x else None for x in DOCS.split(":")))]
+else:                                                # N of them, evenly spaced
+    docs = docs[:: max(1, 8 // int(DOCS))][:int(DOCS)]
 for mode, a, b, r, *rest in CONFIGS:
     col_score, recent = rest[0] if rest else "", int(rest[1]) if len(rest) > 1 else 0
     t0 = time.time(); nlls = []; fr = []

@@ -22,12 +22,14 @@ Layers < dense_layers keep their whole KV on the GPU (DenseKV): layer 0 has no e
 speculate from and its attention is nearly dense.
 
 Skewing (minigen/skew.py) makes a few columns of q and k carry most of q.k; `sel` picks R of them
-per (sequence, KV head) at prefill from the prompt's |q| + |k| column sums. For OPT the skew is
-folded into W_q/W_k, so the columns are read off directly (identity here).
+per (sequence, KV head) at prefill from the prompt's |q| + |k| column sums (over all of its
+prefill chunks). For OPT the skew is folded into W_q/W_k, so the columns are read off directly
+(identity here).
 
 GPU state per pooled layer: pk (S, Hkv, R, T) partial keys (token-minor: one contiguous run of
 tokens per column, the token stride padded to 16 elements), a_sel (S, Hkv, D, R) the skew's
-selected columns, plus double-buffered idx/count/K/V for the gathered rows.
+selected columns, col_score (S, Hkv, D) fp32 the prompt's column sums behind them, plus
+double-buffered idx/count/K/V for the gathered rows.
 
 Host-memory limit (cpu_kv_limit, paper section 5): the pool and pk then hold P < T rows per
 (layer, slot), indexed by row; minigen/hostlimit.py says which rows a prompt keeps and which row
@@ -138,6 +140,8 @@ class InfiniGenKV(PooledKV):
         # every column's run 16-byte aligned for partial_qk's vector loads
         self.pk = self._gpu((Lp, S, Hkv, R, token_stride(P)))[..., :P]
         self.a_sel = self._gpu((Lp, S, Hkv, D, R))                             # skew columns in use
+        # each sequence's column scores summed over its prompt so far (the choice behind a_sel)
+        self.col_score = torch.zeros((Lp, S, Hkv, D), dtype=torch.float32, device=dev)
         self.max_select = max(1, min(P, math.ceil(self.budget * P)))
         if self.limited:
             self.counter = torch.zeros((Lp, S, P), dtype=torch.int32, device=dev)      # selections per row
@@ -228,11 +232,10 @@ class InfiniGenKV(PooledKV):
         if layer < self.dense_layers:
             return self.dense.attend(layer, q, k, v)
         meta, j, buf = self.meta, layer - self.dense_layers, layer % 2
-        if meta.is_prefill:
+        if meta.is_prefill:   # attention first: it stages each sequence's earlier keys on the GPU
+            out = self._prefill_attend_limited(j, q, k, v) if self.limited else self.prefill_attend(j, q, k, v)
             self._prefill_partial_keys(layer, q, k)
-            if self.limited:
-                return self._prefill_attend_limited(j, q, k, v)
-            return self.prefill_attend(j, q, k, v)
+            return out
         B = q.shape[0]
         if self.is_cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[layer])  # main waits: rows gathered
@@ -257,21 +260,34 @@ class InfiniGenKV(PooledKV):
                            evict_window=self.evict_window, evict=self.evict, capacity=self._capacity)
 
     def _prefill_partial_keys(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Pick each new sequence's R skewed columns per KV head from its prompt (column sums of
-        |skewed q| + |skewed k|) and write the partial keys of the new tokens."""
+        """Pick each sequence's R skewed columns per KV head from every prompt token it has
+        prefilled so far (column sums of |skewed q| + |skewed k|, accumulated over prefill chunks,
+        so the choice does not depend on how the engine packed prompts into chunks: a prompt whose
+        first chunk held a few tokens is not stuck with columns chosen from those) and write the
+        partial keys of the new tokens. A chunk that continues a sequence may change its columns,
+        so the partial keys of its earlier tokens are rewritten too, from the prefill staging
+        buffer that prefill attention has just filled with their keys (no extra transfer; their
+        rows are their positions: a continued sequence fits in the pool). Runs after the
+        prefill attention of the layer."""
         meta, j, G = self.meta, layer - self.dense_layers, self.group
         A = self.skew[layer]                                                   # (Hkv, D, D)
         start, pks = 0, []
-        for slot, n0, n in zip(meta.host_slots, meta.host_start, meta.host_new):
+        for b, (slot, n0, n) in enumerate(zip(meta.host_slots, meta.host_start, meta.host_new)):
             qs = q[start:start + n].float().view(n, self.num_kv_heads, G, -1)  # (n, Hkv, G, D)
             ks = k[start:start + n].float()                                    # (n, Hkv, D)
-            if n0 == 0:   # a new sequence: choose its columns; a continued one keeps them
-                q_sk = torch.einsum("ngjd,gde->ngje", qs, A)                   # skewed q
-                k_sk = torch.einsum("ngd,gde->nge", ks, A)                     # skewed k
-                score = q_sk.abs().sum((0, 2)) + k_sk.abs().sum(0)             # (Hkv, D)
-                sel = score.topk(self.R, dim=-1).indices.sort(-1).values       # (Hkv, R)
-                self.a_sel[j, slot] = torch.gather(A, 2, sel[:, None, :].expand(-1, A.shape[1], -1)).to(self.dtype)
-            pk = torch.einsum("ngd,gdr->ngr", ks, self.a_sel[j, slot].float())  # (n, Hkv, R)
+            score = self._column_score(torch.einsum("ngjd,gde->ngje", qs, A),  # skewed q, k
+                                       torch.einsum("ngd,gde->nge", ks, A))    # (Hkv, D)
+            if n0 == 0:                                                        # a new sequence
+                self.col_score[j, slot] = score
+            else:
+                self.col_score[j, slot] += score
+            sel = self.col_score[j, slot].topk(self.R, dim=-1).indices.sort(-1).values   # (Hkv, R)
+            self.a_sel[j, slot] = torch.gather(A, 2, sel[:, None, :].expand(-1, A.shape[1], -1)).to(self.dtype)
+            a_sel = self.a_sel[j, slot].float()                                # (Hkv, D, R)
+            if n0:                                                             # earlier tokens, new columns
+                prefix = torch.einsum("ngd,gdr->ngr", self.prefill_k[b, :n0].float(), a_sel)
+                self.pk[j, slot, :, :, :n0] = prefix.permute(1, 2, 0).to(self.dtype)
+            pk = torch.einsum("ngd,gdr->ngr", ks, a_sel)                       # (n, Hkv, R)
             if self.limited:
                 pks.append(pk)
             else:
@@ -280,6 +296,12 @@ class InfiniGenKV(PooledKV):
         if self.limited:   # the kept tokens' partial keys, by row
             plan = self._plan
             self.pk[j][plan["slot"], :, :, plan["row"]] = torch.cat(pks)[plan["tok"]].to(self.dtype)
+
+    @staticmethod
+    def _column_score(q_sk: torch.Tensor, k_sk: torch.Tensor) -> torch.Tensor:
+        """How much a skewed column carries, summed over a chunk's tokens: sum |q| + sum |k|
+        (q_sk (n, Hkv, G, D), k_sk (n, Hkv, D) -> (Hkv, D)); the R largest are kept."""
+        return q_sk.abs().sum((0, 2)) + k_sk.abs().sum(0)
 
     def _prefill_attend_limited(self, j: int, q, k, v) -> torch.Tensor:
         """PooledKV.prefill_attend for a limited pool: attention over every token of the prompt
@@ -321,5 +343,5 @@ class InfiniGenKV(PooledKV):
     def close(self) -> None:
         super().close()
         self.dense.close()
-        self.pk = self.a_sel = self.sel_k = self.sel_v = None
+        self.pk = self.a_sel = self.col_score = self.sel_k = self.sel_v = None
         self.counter = self.row_pos = None

@@ -17,9 +17,10 @@ def model(request):
     return minigen_from_hf(hf)
 
 
-def step_logits(model, policy, prompts, steps=8, **opts):
+def step_logits(model, policy, prompts, steps=8, max_prefill_tokens=4096, **opts):
     """Teacher-forced decode logits: every step's (B, V) logits for a fixed token stream."""
-    eng = Engine(model, IdTokenizer(), policy=policy, max_batch=len(prompts), max_seq_len=96, policy_opts=opts)
+    eng = Engine(model, IdTokenizer(), policy=policy, max_batch=len(prompts), max_seq_len=96,
+                 max_prefill_tokens=max_prefill_tokens, policy_opts=opts)
     seqs = [eng.new_sequence(p) for p in prompts]
     out = [eng.prefill(seqs)]
     g = eng._decode_graph(seqs)
@@ -77,6 +78,24 @@ def test_infinigen_recent_tokens_always_fetched(model):
                 got = set(idx[b, g, :count[b, g]].tolist())
                 assert set(range(nb - 4, nb)) <= got, (layer, b, g)
                 assert count[b, g] == -(-nb // 4)        # ceil(0.25 * n): the window is inside the cap
+
+
+def test_infinigen_columns_do_not_depend_on_prefill_chunks(model):
+    """The skewed columns come from every prompt token, however the engine packs prompts into
+    prefill chunks: with 7-token chunks the second and third prompts start with 1 and 3 tokens
+    in a chunk (the rest of the previous prompt fills it), yet columns, partial keys and the
+    sparse decode match one whole-prompt chunk."""
+    prompts = random_prompts(320, (41, 23, 31), seed=11)
+    opts = dict(alpha=float("inf"), budget=0.25, partial_ratio=0.5, recent=0)
+    whole, eng1 = step_logits(model, "infinigen", prompts, steps=4, **opts)
+    chunked, eng2 = step_logits(model, "infinigen", prompts, steps=4, max_prefill_tokens=7, **opts)
+    kv1, kv2 = eng1.kv, eng2.kv
+    assert kv1.R < kv1.head_dim                  # a real choice of columns
+    assert torch.equal(kv1.a_sel, kv2.a_sel)
+    for slot, p in enumerate(prompts):           # the prompt's partial keys (decode steps appended more)
+        n = len(p)
+        torch.testing.assert_close(kv2.pk[:, slot, ..., :n], kv1.pk[:, slot, ..., :n], atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=0)
 
 
 def test_continued_prefill_from_pool_equals_dense(model):
