@@ -99,7 +99,7 @@ def load_checkpoint(path: str | Path | None) -> Checkpoint:
 # ---------------------------------------------------------------------------------------------
 
 def load_hf_dir(d: Path) -> Checkpoint:
-    from minigen.tokenizer import load_hf_tokenizer
+    from minigen.hf_tokenizer import load_hf_tokenizer
 
     cfg_file = d / "config.json"
     if not cfg_file.is_file():

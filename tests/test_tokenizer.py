@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from minigen.loader import LoadError, default_model_path, load_checkpoint
-from minigen.tokenizer import StreamDecoder, Tokenizer, load_hf_tokenizer
+from minigen.hf_tokenizer import load_hf_tokenizer
+from minigen.tokenizer import StreamDecoder, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
