@@ -287,7 +287,6 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     G = H // Hkv
     if out is None:
         out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
-    # lengths to the host: this reference serves the CPU path, where nothing waits
     for b, (slot, P) in enumerate(zip(slot_idx.tolist(), seq_lens.tolist())):   # sync: CPU-path reference
         qb = q[b].float().reshape(Hkv, G, 1, D)                             # (Hkv, G, 1, D)
         kb = k_cache[slot, :, :P].float().unsqueeze(1)                     # (Hkv, 1, P, D)

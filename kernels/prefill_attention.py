@@ -236,7 +236,6 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     G = H // Hkv
     if out is None:
         out = torch.empty((N, H, D), dtype=q.dtype, device=q.device)
-    # lengths to the host: this reference serves the CPU path, where nothing waits
     cu, starts, slots = cu_seqlens_q.tolist(), start_pos.tolist(), slot_idx.tolist()   # sync: CPU-path reference
     for b, slot in enumerate(slots):
         q0, q1, p0 = cu[b], cu[b + 1], starts[b]

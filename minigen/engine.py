@@ -174,7 +174,7 @@ class Engine:
                 start_pos=torch.tensor([s.num_cached for _, s, _ in part], dtype=i32).to(dev),
                 max_seqlen_q=max(n for _, _, n in part),
                 host_slots=[s.slot for _, s, _ in part], host_start=[s.num_cached for _, s, _ in part],
-                host_new=[n for _, _, n in part])
+                host_new=[n for _, _, n in part], host_done=[n == len(s.pending) for _, s, n in part])
             logits_idx = None if all_logits else torch.tensor(cu[1:], device=dev) - 1
             self.kv.begin(meta)
             logits = self.model(torch.tensor(toks, device=dev), meta, self.kv, logits_idx)

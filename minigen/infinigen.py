@@ -265,13 +265,15 @@ class InfiniGenKV(PooledKV):
         so the choice does not depend on how the engine packed prompts into chunks: a prompt whose
         first chunk held a few tokens is not stuck with columns chosen from those) and write the
         partial keys of the new tokens. A chunk that continues a sequence may change its columns,
-        so the partial keys of its earlier tokens are rewritten too, from the prefill staging
-        buffer that prefill attention has just filled with their keys (no extra transfer; their
-        rows are their positions: a continued sequence fits in the pool). Runs after the
-        prefill attention of the layer."""
+        so when it ends the prompt (meta.host_done; every chunk when not given), the partial keys
+        of the earlier tokens are rewritten to the final columns, from the prefill staging buffer
+        that prefill attention has just filled with their keys (no extra transfer; once per
+        prompt; their rows are their positions: a continued sequence fits in the pool). Decode
+        reads partial keys only after the prompt is complete. Runs after the prefill attention."""
         meta, j, G = self.meta, layer - self.dense_layers, self.group
         A = self.skew[layer]                                                   # (Hkv, D, D)
         start, pks = 0, []
+        done = meta.host_done or [True] * len(meta.host_slots)
         for b, (slot, n0, n) in enumerate(zip(meta.host_slots, meta.host_start, meta.host_new)):
             qs = q[start:start + n].float().view(n, self.num_kv_heads, G, -1)  # (n, Hkv, G, D)
             ks = k[start:start + n].float()                                    # (n, Hkv, D)
@@ -284,7 +286,7 @@ class InfiniGenKV(PooledKV):
             sel = self.col_score[j, slot].topk(self.R, dim=-1).indices.sort(-1).values   # (Hkv, R)
             self.a_sel[j, slot] = torch.gather(A, 2, sel[:, None, :].expand(-1, A.shape[1], -1)).to(self.dtype)
             a_sel = self.a_sel[j, slot].float()                                # (Hkv, D, R)
-            if n0:                                                             # earlier tokens, new columns
+            if n0 and done[b]:                                                 # earlier tokens, final columns
                 prefix = torch.einsum("ngd,gdr->ngr", self.prefill_k[b, :n0].float(), a_sel)
                 self.pk[j, slot, :, :, :n0] = prefix.permute(1, 2, 0).to(self.dtype)
             pk = torch.einsum("ngd,gdr->ngr", ks, a_sel)                       # (n, Hkv, R)

@@ -42,6 +42,7 @@ class StepMeta:
     host_slots: list[int] | None = None        # cache slot of every sequence
     host_start: list[int] | None = None        # tokens cached before this step
     host_new: list[int] | None = None          # new tokens this step
+    host_done: list[bool] | None = None        # prefill: the sequence's prompt ends in this chunk
 
     @property
     def num_seqs(self) -> int:

@@ -104,8 +104,8 @@ class _RecordingKV(DenseKV):
         self.queries: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
 
     def attend(self, layer, q, k, v):
-        # sync: calibration (offline) keeps every layer's queries on the host for the SVD
-        self.queries[layer].append(q.detach().float().cpu())          # (N, H, D)
+        # calibration (offline) keeps every layer's queries (N, H, D) on the host for the SVD
+        self.queries[layer].append(q.detach().float().cpu())   # sync: offline calibration, no decode
         return super().attend(layer, q, k, v)
 
 
@@ -223,8 +223,10 @@ def save(skew: Skew, path: str | Path) -> None:
     the file: a freshly loaded model is never folded, so it is not stored."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {"version": ARTIFACT_VERSION, "matrices": skew.matrices.detach().float().cpu().contiguous(),
-            "singular_values": None if skew.singular_values is None else skew.singular_values.float().cpu(),
+    sv = skew.singular_values
+    blob = {"version": ARTIFACT_VERSION,
+            "matrices": skew.matrices.detach().float().cpu().contiguous(),   # sync: writing the artifact
+            "singular_values": None if sv is None else sv.float().cpu(),     # sync: writing the artifact
             "arch": skew.arch, "num_layers": skew.num_layers, "num_kv_heads": skew.num_kv_heads,
             "head_dim": skew.head_dim, "calib_tokens": skew.calib_tokens, "source": skew.source}
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
