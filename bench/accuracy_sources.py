@@ -4,6 +4,8 @@ selection made three ways, so the error sources separate:
     oracle          layer i's own query against its full keys (exact scores, same threshold/cap)
     oracle_partial  layer i's own query against the partial keys
 and the skewed-column choice of spec varied (sum: |q|+|k| column sums, minigen's; prod; var).
+A mode may carry "+lse" or "+mass" (spec+lse, oracle_partial+mass): the kv head group's tokens
+ranked by a probability instead of the logit gap (GroupRank below; results/issue4/group_rank/).
 
     python bench/accuracy_sources.py CONTEXT PREFIX DOCS mode:alpha:budget:ratio[:score[:recent]] ...
     e.g. python bench/accuracy_sources.py 8000 6000 2 dense:0:0:0 spec:5:0.2:0.5 oracle:inf:0.05:0.5:sum:64
@@ -67,6 +69,24 @@ class Scored(InfiniGenKV):
             return q_sk.abs().sum((0, 2)) * k_sk.abs().sum(0)
         return q_sk.pow(2).mean((0, 2)) * k_sk.var(0)
 
+class GroupRank:
+    """ops proxy for the "+lse" / "+mass" modes: select ranks a KV head group's tokens by a
+    probability instead of the logit gap to each head's max. +lse: ns_t = max_h log p_ht (each
+    head's softmax over the n cached tokens), +mass: ns_t = log sum_h p_ht (the group's attention
+    mass on t); both minus their max over t, so ns <= 0 with 0 at the top token and alpha keeps its
+    meaning for the sharpest head. Handed to the select kernel as one row per KV head (G = 1)."""
+    def __init__(self, ops, how):
+        self._ops, self._how = ops, how
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+    def select(self, scores, n_valid, alpha, budget, G, max_select, **kw):
+        B, H, P = scores.shape
+        live = torch.arange(P, device=scores.device) < n_valid[:, None, None, None]
+        lp = torch.log_softmax(scores.view(B, H // G, G, P).masked_fill(~live, -math.inf), dim=-1)
+        ns = lp.amax(2) if self._how == "lse" else torch.logsumexp(lp, dim=2)
+        ns = (ns - ns.amax(-1, keepdim=True)).masked_fill(~live[:, :, 0], 0.0).contiguous()
+        return self._ops.select(ns, n_valid, alpha, budget, 1, max_select, **kw)
+
 dev = resolve_device(None); dt = resolve_dtype(None, dev)
 model, tok = load_model(None, device=dev, dtype=dt)
 skew = load_skew_for(model, tok, None)
@@ -77,6 +97,7 @@ else:                                                # N of them, evenly spaced
     docs = docs[:: max(1, 8 // int(DOCS))][:int(DOCS)]
 for mode, a, b, r, *rest in CONFIGS:
     col_score, recent = rest[0] if rest else "", int(rest[1]) if len(rest) > 1 else 0
+    mode, _, rank = mode.partition("+")     # spec+lse, oracle_partial+mass, ...: see GroupRank
     t0 = time.time(); nlls = []; fr = []
     for name, ids in docs:
         if mode == "dense":
@@ -91,6 +112,8 @@ for mode, a, b, r, *rest in CONFIGS:
             else:
                 Oracle.mode = mode
                 kv = Oracle(model, dtype=dt, device=dev, ops=model.ops, **opts)
+            if rank:
+                kv.ops = GroupRank(model.ops, rank)
             kv.allocate(1, CTX + 1); eng.kv = kv; eng.use_graph = eng.use_graph and kv.graph_safe
         seq = eng.new_sequence(ids[:PREFIX])
         lp = eng.teacher_force(seq, ids[PREFIX:CTX])
@@ -98,6 +121,6 @@ for mode, a, b, r, *rest in CONFIGS:
         fr.append(eng.kv.stats().get("fetched_fraction", 1.0))
         eng.close()
     nll = sum(nlls) / len(nlls)
-    print(json.dumps(dict(mode=mode, score=col_score, recent=recent, alpha=a, budget=b, ratio=r, ctx=CTX, ppl=round(math.exp(nll), 3),
+    print(json.dumps(dict(mode=mode + (rank and "+" + rank), score=col_score, recent=recent, alpha=a, budget=b, ratio=r, ctx=CTX, ppl=round(math.exp(nll), 3),
                           per=[round(math.exp(x), 3) for x in nlls], frac=round(sum(fr) / len(fr), 4),
                           s=round(time.time() - t0, 1))), flush=True)

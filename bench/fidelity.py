@@ -42,13 +42,14 @@ INF = float("inf")
 # (alpha, budget, partial ratio), the paper's selection (recent 0): the artifact's defaults
 # (r 0.2), minigen's default for D = 64 (r 0.5), a wider threshold, and fixed 2-10% reads (alpha
 # inf: the top `budget` of the speculated scores); then fixed reads with the last `recent` cached
-# tokens always among them (minigen's default is 64)
+# tokens always among them (minigen's default is 64), budgets 2% to 10% (0.049: the cap rounds up,
+# ceil(budget * n) rows, so b=0.05 reads a little over 5% on average and b=0.049 a little under)
 INFINIGEN = [dict(alpha=a, budget=b, partial_ratio=r, recent=0) for a, b, r in (
     (5, 0.2, 0.2), (5, 0.2, 0.5), (8, 0.2, 0.5), (8, 0.05, 0.5), (INF, 0.02, 0.5), (INF, 0.05, 0.5),
     (INF, 0.1, 0.5), (INF, 0.05, 0.3), (INF, 0.05, 0.75))]
 INFINIGEN += [dict(alpha=INF, budget=b, partial_ratio=r, recent=w) for b, r, w in (
     (0.05, 0.5, 16), (0.05, 0.5, 32), (0.05, 0.5, 64), (0.05, 0.5, 128), (0.05, 0.75, 64), (0.02, 0.5, 64),
-    (0.1, 0.5, 64))]
+    (0.03, 0.5, 64), (0.04, 0.5, 64), (0.049, 0.5, 64), (0.1, 0.5, 64))]
 BUDGETS = (0.02, 0.05, 0.1, 0.2)
 CONFIGS = ([("dense", {})] + [("infinigen", o) for o in INFINIGEN]
            + [("h2o", dict(budget=b)) for b in BUDGETS] + [("window", dict(budget=b)) for b in BUDGETS]

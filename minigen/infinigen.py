@@ -49,8 +49,8 @@ from minigen.offload import PooledKV
 DEFAULT_ALPHA = {"llama": 5.0, "opt": 4.0}   # the artifact's thresholds
 # The last cached tokens always fetched (taking at most half the budget cap), which the paper's
 # selection does not do. Measured on the default model, 8000 tokens of real text, 5% of the KV read
-# per step (bench/results/issue4/recent_window/): perplexity +8.10% over dense without it, +2.45%
-# with the last 64 (+2.85% with 16, +2.44% with 128); passkey retrieval then matches dense in every cell.
+# per step (bench/results/fidelity/): perplexity +6.89% over dense without it, +1.87% with the last
+# 64 (+2.14% with 16, +1.94% with 32, +1.95% with 128); passkey retrieval then matches dense in every cell.
 # 0 reproduces the paper; a --cpu-kv-limit pool (rows reused) runs without it.
 DEFAULT_RECENT = 64
 
