@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from decode import jsonable  # noqa: E402
 from minigen.cli import POLICY_FLAGS  # noqa: E402
+from minigen.hostlimit import EVICT_POLICIES  # noqa: E402
 
 PLAYS = ("hamlet", "macbeth", "othello", "tempest")
 ESSAY_STARTS = ("gap", "love", "pow", "vw")          # runs of consecutive essays from these on
@@ -65,6 +66,7 @@ def label(policy: str, opts: dict) -> str:
 
 INT_OPTIONS = ("recent", "sinks", "dense_layers")                               # whole numbers >= 0
 FRACTIONS = ("budget", "partial_ratio")                                         # in (0, 1]
+WORDS = {"evict": EVICT_POLICIES}                                               # one of these names
 
 
 def parse_label(text: str) -> tuple[str, dict]:
@@ -86,6 +88,11 @@ def parse_label(text: str) -> tuple[str, dict]:
                              f"(settings: {', '.join(SHORT.get(k, k) for k in POLICY_FLAGS[policy]) or 'none'})")
         if key in opts:
             raise ValueError(f"{text!r}: {SHORT.get(key, key)} is given twice")
+        if key in WORDS:
+            if value not in WORDS[key]:
+                raise ValueError(f"{text!r}: {item!r} must be one of {', '.join(WORDS[key])}")
+            opts[key] = value
+            continue
         if key in INT_OPTIONS:
             if not value.isdigit():
                 raise ValueError(f"{text!r}: {item!r} must be a whole number >= 0")

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from minigen.engine import POLICIES
+from minigen.hostlimit import EVICT_POLICIES, parse_cpu_kv_limit
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +31,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-kv-limit", default=None,
                    help="host KV pool limit: bytes (e.g. 2000000000 or 2G) or a fraction in (0, 1] of the full pool "
                         "(e.g. 0.8); when full, the least-selected token outside the last 64 is overwritten")
+    g.add_argument("--evict", choices=EVICT_POLICIES, default=None,
+                   help="with --cpu-kv-limit: which row a new token overwrites when the pool is full: the "
+                        "least-selected (counter, the default, as InfiniGen) or the oldest (fifo, for comparison)")
     g.add_argument("--sinks", type=int, default=None, help="window policy: first tokens always kept (default 4)")
     g.add_argument("--skew", default=None, help="skew artifact (.pt) from `python -m minigen.skew` (default: cached per model, computed on first use)")
 
@@ -37,7 +41,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 # which command-line policy settings each policy takes
 POLICY_FLAGS = {
     "dense": (), "offload": (), "int4": (),
-    "infinigen": ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "cpu_kv_limit"),
+    "infinigen": ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "cpu_kv_limit", "evict"),
     "h2o": ("budget", "dense_layers"),
     "window": ("budget", "sinks", "dense_layers"),
 }
@@ -45,10 +49,9 @@ POLICY_FLAGS = {
 
 def policy_opts(args) -> dict:
     """The policy settings given on the command line (only those set), checked against --policy."""
-    names = ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "sinks")
+    names = ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "sinks", "evict")
     opts = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "cpu_kv_limit", None) is not None:
-        from minigen.hostlimit import parse_cpu_kv_limit
         opts["cpu_kv_limit"] = parse_cpu_kv_limit(args.cpu_kv_limit)
     wrong = [n for n in opts if n not in POLICY_FLAGS[args.policy]]
     if wrong:

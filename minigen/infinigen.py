@@ -76,7 +76,7 @@ class InfiniGenKV(PooledKV):
 
     def __init__(self, model, *, dtype, device, ops, alpha: float | None = None, budget: float = 0.2,
                  partial_ratio: float | None = None, dense_layers: int = 2, recent: int | None = None, skew=None,
-                 cpu_kv_limit: int | float | str | None = None, evict: str = "counter", evict_window: int = 64):
+                 cpu_kv_limit: int | float | str | None = None, evict: str | None = None, evict_window: int = 64):
         cfg = model.config
         super().__init__(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device,
                          ops=ops, sm_scale=model.sm_scale)
@@ -96,6 +96,9 @@ class InfiniGenKV(PooledKV):
         if recent is not None and (isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent < 2**23):
             raise ValueError(f"--recent must be an int in [0, 2^23) (cached tokens always fetched), got {recent!r}")
         self.cpu_kv_limit = None if cpu_kv_limit is None else parse_cpu_kv_limit(cpu_kv_limit)
+        if evict is not None and self.cpu_kv_limit is None:
+            raise ValueError("--evict chooses the row a full host pool overwrites: it needs --cpu-kv-limit")
+        evict = "counter" if evict is None else evict
         if evict not in EVICT_POLICIES:
             raise ValueError(f"evict must be one of {', '.join(EVICT_POLICIES)}, got {evict!r}")
         if isinstance(evict_window, bool) or not isinstance(evict_window, int) or evict_window < 0:

@@ -271,10 +271,14 @@ def test_fidelity_labels_parse_back(monkeypatch):
     assert fidelity.parse_label("infinigen a=5 b=0.1 r=0.5 recent=64") == (
         "infinigen", dict(alpha=5, budget=0.1, partial_ratio=0.5, recent=64))
     assert fidelity.parse_label("  window b=1  sinks=0 ") == ("window", dict(budget=1, sinks=0))
+    text = "infinigen recent=0 cpu_kv_limit=0.8 evict=fifo"
+    assert fidelity.parse_label(text) == ("infinigen", dict(recent=0, cpu_kv_limit=0.8, evict="fifo"))
+    assert fidelity.label(*fidelity.parse_label(text)) == text
     for bad in ("infinigen a=5 recnt=64", "h2o a=5", "dense b=0.1", "infini b=0.1", "infinigen b=x",
                 "infinigen b=0.1 b=0.2", "window budget", "infinigen a=nan", "infinigen a=-inf", "infinigen b=0",
                 "infinigen b=1.5", "infinigen b=-0.1", "infinigen recent=64.0", "infinigen recent=1e2",
-                "window sinks=4.5", "infinigen b=1_0", "infinigen a=+5", "infinigen r=inf"):
+                "window sinks=4.5", "infinigen b=1_0", "infinigen a=+5", "infinigen r=inf", "infinigen evict=lru",
+                "infinigen evict=1", "h2o evict=fifo", "infinigen cpu_kv_limit=fifo"):
         with pytest.raises(ValueError):
             fidelity.parse_label(bad)
     # --labels: distinct configurations in order; none, or one --policies leaves out, is an error

@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from minigen.cli import policy_opts
+from minigen.cli import add_model_args, policy_opts
 from minigen.engine import Engine
 from minigen.hostlimit import parse_cpu_kv_limit
 from tests.helpers import IdTokenizer, minigen_from_hf, random_prompts, tiny_hf_model, tiny_llama_config
@@ -221,6 +221,24 @@ def test_policy_opts_cpu_kv_limit():
         policy_opts(argparse.Namespace(policy="offload", cpu_kv_limit="0.5", **ns))
     with pytest.raises(ValueError, match="--cpu-kv-limit"):
         policy_opts(argparse.Namespace(policy="infinigen", cpu_kv_limit="lots", **ns))
+
+
+def test_policy_opts_evict(model):
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    opts = policy_opts(p.parse_args(["--policy", "infinigen", "--cpu-kv-limit", "0.5", "--recent", "0", "--evict", "fifo"]))
+    assert opts == {"cpu_kv_limit": 0.5, "recent": 0, "evict": "fifo"}
+    assert Engine(model, IdTokenizer(), policy="infinigen", max_seq_len=256, policy_opts=opts).kv.evict == "fifo"
+    assert Engine(model, IdTokenizer(), policy="infinigen", max_seq_len=256,
+                  policy_opts=dict(cpu_kv_limit=0.5)).kv.evict == "counter"
+    with pytest.raises(ValueError, match="do not apply to --policy h2o"):
+        policy_opts(p.parse_args(["--policy", "h2o", "--evict", "fifo"]))
+    with pytest.raises(SystemExit):                                        # argparse: not a choice
+        p.parse_args(["--policy", "infinigen", "--evict", "lru"])
+    # without a limit nothing is ever overwritten: asking for a rule is an error, not ignored
+    with pytest.raises(ValueError, match="needs --cpu-kv-limit"):
+        Engine(model, IdTokenizer(), policy="infinigen", max_seq_len=256,
+               policy_opts=policy_opts(p.parse_args(["--policy", "infinigen", "--evict", "counter"])))
 
 
 @pytest.mark.parametrize("opts,msg", [
