@@ -1,7 +1,8 @@
 """The engine: prefill, then a decode loop, over a batch of sequences that share one KV policy.
 
     prefill   pending prompt tokens of every sequence, packed, in chunks of max_prefill_tokens
-              (a chunk continues where the cache ends, so a chat turn prefills only its new text)
+              (a chunk continues where the cache ends, so a chat turn prefills only its new text;
+              a prompt longer than a limited host pool, kv.whole_prompt_over, gets a chunk of its own)
     decode    one token per sequence per step; on CUDA the step (model + policy) is captured once
               per batch size in a CUDA graph and replayed; static buffers hold tokens/positions
     sample    on the device; the sampled ids cross to the host once per step for streaming and
@@ -151,10 +152,14 @@ class Engine:
             self.check_fits(s.num_cached + len(s.pending))
         while any(s.pending for s in seqs):
             # one chunk: take pending tokens in order until the token budget is spent
-            budget, part = self.max_prefill_tokens, []
+            budget, part, whole = self.max_prefill_tokens, [], self.kv.whole_prompt_over
             for i, s in enumerate(seqs):
                 if s.pending and budget > 0:
                     n = min(len(s.pending), budget)
+                    if whole is not None and n < len(s.pending) and s.num_cached + len(s.pending) > whole:
+                        if part:       # a prompt past the host pool's rows: a chunk of its own, next
+                            break
+                        n = len(s.pending)
                     part.append((i, s, n))
                     budget -= n
             toks, pos, tslot, cu = [], [], [], [0]

@@ -78,8 +78,8 @@ def prefill_plan(meta, P: int, W: int, device) -> dict:
             keep, rows = range(n), range(n0, n0 + n)
         elif n0:
             raise NotImplementedError(
-                f"a continued prefill (chat turn, or a prompt longer than the prefill chunk) to {n0 + n} tokens "
-                f"past the host KV limit of {P} tokens per sequence is not supported: raise --cpu-kv-limit")
+                f"a continued prefill (a chat turn) to {n0 + n} tokens past the host KV limit of {P} tokens "
+                f"per sequence is not supported: raise --cpu-kv-limit")
         else:
             keep, rows = [*range(P - W), *range(n - W, n)], range(P)
         if n0 == 0:

@@ -136,6 +136,7 @@ class InfiniGenKV(PooledKV):
         self.dense.allocate(num_slots, max_seq_len)
         P = self._pool_rows(num_slots, max_seq_len)
         self.limited, self.rows = P < max_seq_len, P
+        self.whole_prompt_over = P if self.limited else None
         self._alloc_pool(num_slots, P)
         self._capacity = max_seq_len       # tokens a sequence may reach (the pool keeps P of them)
         Lp, S, Hkv, D, R, dev = self.pool_layers, num_slots, self.num_kv_heads, self.head_dim, self.R, self.device

@@ -54,6 +54,10 @@ class KVPolicy:
 
     name = "base"
     graph_safe = False     # True: a decode step can be captured in a CUDA graph
+    # a host pool of fewer rows than the context (infinigen --cpu-kv-limit) sets its row count: a
+    # prompt longer than that is prefilled in one chunk, since the rows it drops cannot come back
+    # to a later chunk's attention
+    whole_prompt_over: int | None = None
 
     def allocate(self, num_slots: int, max_seq_len: int) -> None:
         raise NotImplementedError

@@ -8,6 +8,7 @@ import torch
 from minigen.cli import add_model_args, policy_opts
 from minigen.engine import Engine
 from minigen.hostlimit import parse_cpu_kv_limit
+from minigen.infinigen import InfiniGenKV
 from tests.helpers import IdTokenizer, minigen_from_hf, random_prompts, tiny_hf_model, tiny_llama_config
 from tests.test_offload import EXACT, PROMPTS, greedy, step_logits
 
@@ -197,6 +198,29 @@ def test_continued_prefill(model):
                                two_turns(PROMPTS[1][:10]), atol=0, rtol=0)
     with pytest.raises(NotImplementedError, match="host KV limit of 24 tokens"):
         two_turns(PROMPTS[1], cpu_kv_limit=P / T, evict_window=W)
+
+
+def test_prompt_past_the_limit_is_prefilled_whole(model):
+    """With prefill chunks shorter than a prompt that exceeds the pool (30 tokens > P = 24 rows,
+    chunks of 8), the engine gives that prompt one chunk of its own (the rows it drops could not
+    come back to a later chunk); the shorter prompt is chunked as usual. Same logits as one chunk."""
+    prompts = random_prompts(320, (9, 30), seed=5)
+    opts = dict(SPARSE, dense_layers=1, cpu_kv_limit=P / T, evict_window=W)
+    want, _ = step_logits(model, "infinigen", prompts, steps=6, **opts)
+    chunks = []
+    begin = InfiniGenKV.begin
+
+    def record(kv, meta):
+        if meta.is_prefill:
+            chunks.append(list(zip(meta.host_slots, meta.host_start, meta.host_new)))
+        begin(kv, meta)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InfiniGenKV, "begin", record)
+        got, eng = step_logits(model, "infinigen", prompts, steps=6, max_prefill_tokens=8, **opts)
+    assert eng.kv.whole_prompt_over == P
+    # slot 0 (9 tokens): 8 + 1; slot 1 (30 tokens) waits for a chunk of its own
+    assert chunks == [[(0, 0, 8)], [(0, 8, 1)], [(1, 0, 30)]]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 # ---- (4) options -------------------------------------------------------------------------------
