@@ -110,10 +110,6 @@ class InfiniGenKV(PooledKV):
         if recent is None:
             recent = 0 if self.cpu_kv_limit is not None else DEFAULT_RECENT
         self.recent = recent
-        if self.cpu_kv_limit is not None:
-            # the engine's CUDA-graph capture runs two warm-up decode steps; with a limit their
-            # evictions would drop live tokens, so a limited pool runs its steps uncaptured
-            self.graph_safe = False
         self.limited = False    # set by allocate: a limit below the slot capacity
         self.R = max(1, int(cfg.head_dim * partial_ratio))
         self.group = cfg.group_size
@@ -130,6 +126,7 @@ class InfiniGenKV(PooledKV):
         self._num_fetched = torch.zeros((), dtype=torch.int64, device=self.device)     # rows gathered
         self._num_candidates = torch.zeros((), dtype=torch.int64, device=self.device)  # rows cached
         self._h_keep: dict[int, torch.Tensor] = {}
+        self._undo: list | None = None   # during the engine's warm-up steps: what they overwrote
 
     # -- allocation -----------------------------------------------------------------------------
     def allocate(self, num_slots: int, max_seq_len: int) -> None:
@@ -246,6 +243,8 @@ class InfiniGenKV(PooledKV):
         # the current token's partial key joins the partial cache for later steps
         pk_cur = torch.einsum("bgd,bgdr->bgr", k, self.a_sel[j, meta.token_slot].to(k.dtype))  # (B, Hkv, R)
         rows = self._decode_rows(j)                                            # (B,) int64
+        if self._undo is not None and self.limited:   # a warm-up step: keep the rows it overwrites
+            self._undo.append(self._saved_rows(j, rows))
         self.pk[j][meta.token_slot, :, :, rows] = pk_cur
         out = self.ops.sparse_attention(q, self.sel_k[buf, :B], self.sel_v[buf, :B], self.count[buf, :B],
                                         k, v, self.sm_scale)
@@ -254,6 +253,36 @@ class InfiniGenKV(PooledKV):
             self.row_pos[j][meta.token_slot, rows] = meta.positions
             self.counter[j][meta.token_slot, rows] = 0
         return out
+
+    def warmup(self, on: bool) -> None:
+        """The engine's warm-up steps before a CUDA-graph capture: on a full limited pool each
+        one overwrites a victim row per layer and sequence. Their rows (K/V from the pool, partial
+        keys) are saved as they are overwritten and written back afterwards, newest first, with
+        the counters and row positions: the warm-up leaves no trace, so the limited pool's step can
+        be captured. Device work only, on the engine's warm-up stream."""
+        self.dense.warmup(on)
+        if not self.limited:
+            return
+        if on:
+            self._undo = [(self.counter.clone(), self.row_pos.clone())]
+            return
+        (counter, row_pos), *saved = self._undo
+        for j, slot, rows, k, v, pk in reversed(saved):
+            self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], slot, rows)
+            self.pk[j][slot, :, :, rows] = pk
+        self.counter.copy_(counter)
+        self.row_pos.copy_(row_pos)
+        self._undo = None
+
+    def _saved_rows(self, j: int, rows: torch.Tensor) -> tuple:
+        """Pool row `rows[b]` of each decoding sequence in pooled layer j as it is now: K, V
+        (B, Hkv, D) through gather_kv (one row per kv head) and the partial keys (B, Hkv, R)."""
+        meta, Hkv = self.meta, self.num_kv_heads
+        B = rows.shape[0]
+        idx = rows.to(torch.int32)[:, None, None].expand(B, Hkv, 1).contiguous()
+        one = torch.ones((B, Hkv), dtype=torch.int32, device=rows.device)
+        k, v = self.ops.gather_kv(*self.pool.heads(j), idx, one, meta.slot_idx)
+        return j, meta.token_slot.clone(), rows.clone(), k[:, :, 0], v[:, :, 0], self.pk[j][meta.token_slot, :, :, rows]
 
     def _decode_rows(self, j: int) -> torch.Tensor:
         """The pool row of each sequence's new token in pooled layer j (B,) int64, on the device:

@@ -83,6 +83,12 @@ class KVPolicy:
     def stats(self) -> dict:
         return {}
 
+    def warmup(self, on: bool) -> None:
+        """The engine runs a few decode steps before it captures a CUDA graph (kernels compiled,
+        allocations settled): warmup(True) before them, warmup(False) after, on the same stream.
+        A policy whose decode step changes live state (a full host pool overwriting a row) puts
+        it back here; the rest write only past the live lengths and need nothing."""
+
     def close(self) -> None:
         """Release the cache memory."""
 

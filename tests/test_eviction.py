@@ -63,7 +63,7 @@ def run_limited(model, evict):
     ref = Engine(model, IdTokenizer(), policy="infinigen", max_batch=2, max_seq_len=T,
                  policy_opts=dict(SPARSE, dense_layers=1))
     kv = eng.kv
-    assert kv.limited and kv.rows == P and not kv.graph_safe
+    assert kv.limited and kv.rows == P and kv.graph_safe
     choices, updates = [], []
     decode_rows, speculate = kv._decode_rows, kv._speculate
 
@@ -223,6 +223,50 @@ def test_prompt_past_the_limit_is_prefilled_whole(model):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def _pool_state(kv):
+    return [t.clone() for t in (kv.pool.k, kv.pool.v, kv.pk, kv.counter, kv.row_pos)]
+
+
+def test_warmup_leaves_a_full_pool_as_it_was(model):
+    """The engine's graph capture runs two decode steps first (kv.warmup(True) ... warmup(False)
+    around them); on a full pool each overwrites a victim row per layer and sequence. warmup puts
+    the rows, partial keys, counters and row positions back, so the steps after it are those of a
+    run without warm-up."""
+    prompts = random_prompts(320, (30, 26), seed=6)       # both past P = 24: the pool is full
+    opts = dict(SPARSE, dense_layers=1, cpu_kv_limit=P / T, evict_window=W)
+
+    def run(warm: bool, hooks: bool = True):
+        eng = Engine(model, IdTokenizer(), policy="infinigen", max_batch=2, max_seq_len=T, policy_opts=opts)
+        seqs = [eng.new_sequence(p) for p in prompts]
+        eng.prefill(seqs)
+        g = eng._decode_graph(seqs)
+        before = _pool_state(eng.kv)
+        if warm:                                          # what Engine._capture does on CUDA
+            saved = (g.positions.clone(), g.seq_lens.clone(), list(g.host_start))
+            eng.kv.warmup(True) if hooks else None
+            for _ in range(2):
+                eng._decode_forward(g)
+            eng.kv.warmup(False) if hooks else None
+            g.positions.copy_(saved[0]), g.seq_lens.copy_(saved[1])
+            g.host_start = saved[2]
+        after = _pool_state(eng.kv)
+        logits = []
+        for t in range(6):
+            g.tokens.copy_(torch.tensor([5 + t, 9 + 2 * t]))
+            logits.append(eng.decode_step(g).clone())
+            for s in seqs:
+                s.cached_ids.append(0)
+        return before, after, torch.stack(logits)
+
+    before, after, got = run(warm=True)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    _, _, want = run(warm=False)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    before, after, _ = run(warm=True, hooks=False)        # the premise: the warm-up steps do evict
+    assert not all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 # ---- (4) options -------------------------------------------------------------------------------
 @pytest.mark.parametrize("text,want", [("2000000000", 2000000000), ("2G", 2 * 2**30), ("512M", 512 * 2**20),
                                        ("0.5", 0.5), ("1.0", 1.0), (0.25, 0.25), (4096, 4096)])
@@ -303,3 +347,33 @@ def test_limited_pool_runs_on_cuda():
     for rows in eng.kv.row_pos.cpu().reshape(-1, P):     # (layer, slot) rows
         live = rows[rows >= 0]
         assert live.unique().numel() == live.numel()
+
+
+@pytest.mark.gpu
+def test_limited_pool_captured_equals_uncaptured():
+    """A full limited pool on CUDA: the captured decode step (its warm-up undone by warmup) gives
+    the logits, row positions and counters of the same steps run without a graph."""
+    hf = tiny_hf_model(tiny_llama_config(num_hidden_layers=4, num_key_value_heads=2))
+    m = minigen_from_hf(hf, device="cuda")
+    prompts = random_prompts(320, (30, 26), seed=6)
+    opts = dict(SPARSE, dense_layers=1, cpu_kv_limit=P / T, evict_window=W)
+
+    def run(graph: bool):
+        eng = Engine(m, IdTokenizer(), policy="infinigen", max_batch=2, max_seq_len=T, cuda_graph=graph,
+                     policy_opts=opts)
+        seqs = [eng.new_sequence(p) for p in prompts]
+        eng.prefill(seqs)
+        g = eng._decode_graph(seqs)
+        assert (g.graph is not None) == graph
+        logits = []
+        for t in range(12):
+            g.tokens.copy_(torch.tensor([5 + t, 9 + 2 * t]))
+            logits.append(eng.decode_step(g).clone())
+            for s in seqs:
+                s.cached_ids.append(0)
+        return torch.stack(logits), eng.kv.row_pos.cpu(), eng.kv.counter.cpu()
+
+    got, want = run(True), run(False)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
