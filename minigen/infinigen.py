@@ -251,7 +251,7 @@ class InfiniGenKV(PooledKV):
         self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], meta.token_slot, rows)
         if self.limited:
             self.row_pos[j][meta.token_slot, rows] = meta.positions
-            self.counter[j][meta.token_slot, rows] = 0
+            self.counter[j][meta.token_slot, rows] = torch.zeros_like(rows, dtype=torch.int32)   # a tensor: capturable
         return out
 
     def warmup(self, on: bool) -> None:
