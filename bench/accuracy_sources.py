@@ -31,6 +31,10 @@ import fidelity
 
 CTX, PREFIX, DOCS = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]   # DOCS: N, or a slice a:b
 CONFIGS = [c.split(":") for c in sys.argv[4:]]   # mode:alpha:budget:ratio[:score[:recent]]
+for c in CONFIGS:                                 # checked before the model loads
+    if c[0] not in ("dense", "spec", "oracle", "oracle_partial") + tuple(
+            f"{m}+{r}" for m in ("spec", "oracle", "oracle_partial") for r in ("lse", "mass")):
+        raise SystemExit(f"error: unknown mode {c[0]!r}")
 
 class Oracle(InfiniGenKV):
     """Selection at layer i from its own q: full keys (oracle) or the partial keys (oracle_partial)."""

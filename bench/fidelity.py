@@ -104,6 +104,8 @@ def parse_label(text: str) -> tuple[str, dict]:
         if v <= 0 or (key in FRACTIONS and v > 1):
             raise ValueError(f"{text!r}: {item!r} must be " + ("in (0, 1]" if key in FRACTIONS else "> 0"))
         opts[key] = v
+    if "evict" in opts and "cpu_kv_limit" not in opts:
+        raise ValueError(f"{text!r}: evict chooses what a full host pool overwrites: it needs cpu_kv_limit")
     return policy, opts
 
 

@@ -40,7 +40,8 @@ Limitations (honest): memory is the whole dense cache (L, S, Hkv, T, D) on the G
 (a compacted cache is not implemented): these policies reproduce the baselines' accuracy and
 attention work, not their memory savings. h2o computes its probabilities in torch, i.e. one more
 q.k over the kept rows per sparse layer and step, and one more causal QK^T per prompt. As for
-infinigen, fetched_fraction also counts the capture's two warm-up steps.
+infinigen, fetched_fraction counts real steps only: warmup puts the counts back after the
+capture's two warm-up steps.
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ class _BudgetKV(KVPolicy):
                              ops=ops, sm_scale=model.sm_scale)
         self._num_kept = torch.zeros((), dtype=torch.int64, device=self.device)     # rows attended
         self._num_cached = torch.zeros((), dtype=torch.int64, device=self.device)   # rows cached
+        self._warm_counts = None   # the counts before the engine's warm-up steps (warmup)
 
     def allocate(self, num_slots: int, max_seq_len: int) -> None:
         self.dense.allocate(num_slots, max_seq_len)
@@ -147,6 +149,15 @@ class _BudgetKV(KVPolicy):
 
     def _prefill_done(self, layer: int, q: torch.Tensor) -> None:
         """After a sparse layer's prefill attention (the new K/V are in the cache)."""
+
+    def warmup(self, on: bool) -> None:
+        self.dense.warmup(on)
+        if on:
+            self._warm_counts = (self._num_cached.clone(), self._num_kept.clone())
+        elif self._warm_counts is not None:
+            self._num_cached.copy_(self._warm_counts[0])
+            self._num_kept.copy_(self._warm_counts[1])
+            self._warm_counts = None
 
     def stats(self) -> dict:
         total = int(self._num_cached.item())       # sync: stats are read after a run, not in a step

@@ -228,9 +228,11 @@ class Engine:
         side.wait_stream(torch.cuda.current_stream())   # side (warm-up) waits for the buffer loads
         with torch.cuda.stream(side):
             self.kv.warmup(True)
-            for _ in range(2):                           # compile kernels, settle allocations
-                self._decode_forward(g)
-            self.kv.warmup(False)                        # the policy undoes what they changed
+            try:
+                for _ in range(2):                       # compile kernels, settle allocations
+                    self._decode_forward(g)
+            finally:
+                self.kv.warmup(False)                    # the policy undoes what they changed
         torch.cuda.current_stream().wait_stream(side)   # main waits for the warm-up
         g.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.graph):

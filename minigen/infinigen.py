@@ -259,19 +259,22 @@ class InfiniGenKV(PooledKV):
         one overwrites a victim row per layer and sequence. Their rows (K/V from the pool, partial
         keys) are saved as they are overwritten and written back afterwards, newest first, with
         the counters and row positions: the warm-up leaves no trace, so the limited pool's step can
-        be captured. Device work only, on the engine's warm-up stream."""
+        be captured. Every pool also puts back its fetch counters (the stats count real steps).
+        Device work only, on the engine's warm-up stream."""
         self.dense.warmup(on)
-        if not self.limited:
-            return
+        stats = (self._num_fetched, self._num_candidates)   # fetched_fraction counts real steps only
         if on:
-            self._undo = [(self.counter.clone(), self.row_pos.clone())]
+            state = (self.counter, self.row_pos) if self.limited else ()
+            self._undo = [tuple(t.clone() for t in stats + state)]
             return
-        (counter, row_pos), *saved = self._undo
-        for j, slot, rows, k, v, pk in reversed(saved):
+        if self._undo is None:
+            return
+        first, *saved = self._undo
+        for j, slot, rows, k, v, pk in reversed(saved):   # newest first: a row hit twice ends as it was
             self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], slot, rows)
             self.pk[j][slot, :, :, rows] = pk
-        self.counter.copy_(counter)
-        self.row_pos.copy_(row_pos)
+        for t, old in zip(stats + ((self.counter, self.row_pos) if self.limited else ()), first):
+            t.copy_(old)
         self._undo = None
 
     def _saved_rows(self, j: int, rows: torch.Tensor) -> tuple:

@@ -278,7 +278,7 @@ def test_fidelity_labels_parse_back(monkeypatch):
                 "infinigen b=0.1 b=0.2", "window budget", "infinigen a=nan", "infinigen a=-inf", "infinigen b=0",
                 "infinigen b=1.5", "infinigen b=-0.1", "infinigen recent=64.0", "infinigen recent=1e2",
                 "window sinks=4.5", "infinigen b=1_0", "infinigen a=+5", "infinigen r=inf", "infinigen evict=lru",
-                "infinigen evict=1", "h2o evict=fifo", "infinigen cpu_kv_limit=fifo"):
+                "infinigen evict=1", "h2o evict=fifo", "infinigen cpu_kv_limit=fifo", "infinigen evict=fifo"):
         with pytest.raises(ValueError):
             fidelity.parse_label(bad)
     # --labels: distinct configurations in order; none, or one --policies leaves out, is an error

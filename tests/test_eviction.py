@@ -227,13 +227,17 @@ def _pool_state(kv):
     return [t.clone() for t in (kv.pool.k, kv.pool.v, kv.pk, kv.counter, kv.row_pos)]
 
 
-def test_warmup_leaves_a_full_pool_as_it_was(model):
+@pytest.mark.parametrize("window,select", [(W, SPARSE),
+                                           # no window, every row selected alike: both warm-up
+                                           # steps overwrite row 0, so the restore order matters
+                                           (0, dict(alpha=float("inf"), budget=1.0))])
+def test_warmup_leaves_a_full_pool_as_it_was(model, window, select):
     """The engine's graph capture runs two decode steps first (kv.warmup(True) ... warmup(False)
     around them); on a full pool each overwrites a victim row per layer and sequence. warmup puts
-    the rows, partial keys, counters and row positions back, so the steps after it are those of a
-    run without warm-up."""
+    the rows, partial keys, counters, row positions and fetch counts back, so the steps after it
+    are those of a run without warm-up."""
     prompts = random_prompts(320, (30, 26), seed=6)       # both past P = 24: the pool is full
-    opts = dict(SPARSE, dense_layers=1, cpu_kv_limit=P / T, evict_window=W)
+    opts = dict(select, dense_layers=1, cpu_kv_limit=P / T, evict_window=window)
 
     def run(warm: bool, hooks: bool = True):
         eng = Engine(model, IdTokenizer(), policy="infinigen", max_batch=2, max_seq_len=T, policy_opts=opts)
@@ -250,20 +254,23 @@ def test_warmup_leaves_a_full_pool_as_it_was(model):
             g.positions.copy_(saved[0]), g.seq_lens.copy_(saved[1])
             g.host_start = saved[2]
         after = _pool_state(eng.kv)
+        if warm and hooks:
+            assert eng.kv._num_fetched.item() == 0 and eng.kv._num_candidates.item() == 0
         logits = []
         for t in range(6):
             g.tokens.copy_(torch.tensor([5 + t, 9 + 2 * t]))
             logits.append(eng.decode_step(g).clone())
             for s in seqs:
                 s.cached_ids.append(0)
-        return before, after, torch.stack(logits)
+        return before, after, torch.stack(logits), eng.kv.stats()
 
-    before, after, got = run(warm=True)
+    before, after, got, stats = run(warm=True)
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    _, _, want = run(warm=False)
+    _, _, want, want_stats = run(warm=False)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
-    before, after, _ = run(warm=True, hooks=False)        # the premise: the warm-up steps do evict
+    assert stats == want_stats
+    before, after, _, _ = run(warm=True, hooks=False)     # the premise: the warm-up steps do evict
     assert not all(torch.equal(a, b) for a, b in zip(before, after))
 
 
