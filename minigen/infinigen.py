@@ -216,8 +216,10 @@ class InfiniGenKV(PooledKV):
                                 total=self._num_fetched, recent=self.recent)   # counts rows fetched
         if self.limited:   # every KV head that selected a row counts once for it
             live = torch.arange(self.max_select, device=idx.device) < count[..., None]   # (B, Hkv, M)
-            slots = meta.slot_idx.long()[:, None, None].expand_as(idx)
-            self.counter[j].index_put_((slots, idx.long()), live.to(torch.int32), accumulate=True)
+            flat = meta.slot_idx.long()[:, None, None] * self.rows + idx.long()      # into counter[j] (S, P)
+            # one atomic add per entry (integers: exact in any order); index_put_ with accumulate
+            # sorts the indices first, several kernels per layer
+            self.counter[j].view(-1).scatter_add_(0, flat.view(-1), live.view(-1).to(torch.int32))
 
     def _gather(self, i: int) -> None:
         """Layer i's selected K/V rows from the pinned pool into sel_k/sel_v[i % 2]."""
