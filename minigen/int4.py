@@ -23,7 +23,8 @@ layer are one contiguous block of n * Hkv * R bytes per K and V, as in `offload`
 dequantize kernels read/write the three fields through strided views of the records.
 Not captured in a CUDA graph (graph_safe False): like offload, copies are sized by host lengths.
 So with 0.28x the bytes, a step is bound by the host's launch rate rather than PCIe (H100, llama2-7b
-shape fp16, batch 1, 8K context: int4 42-61 ms per step vs its 22 ms PCIe floor; offload 79 ms).
+shape fp16, batch 1, 8K context: int4 35-62 ms per step between runs of the same command vs its
+22 ms PCIe floor, bench/results/report/int4_repeat_2026-11-23.txt; offload 79 ms).
 """
 from __future__ import annotations
 
