@@ -32,8 +32,8 @@ import fidelity
 CTX, PREFIX, DOCS = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]   # DOCS: N, or a slice a:b
 CONFIGS = [c.split(":") for c in sys.argv[4:]]   # mode:alpha:budget:ratio[:score[:recent]]
 for c in CONFIGS:                                 # checked before the model loads
-    if c[0] not in ("dense", "spec", "oracle", "oracle_partial") + tuple(
-            f"{m}+{r}" for m in ("spec", "oracle", "oracle_partial") for r in ("lse", "mass")):
+    m, _, r = c[0].partition("+")
+    if m not in ("dense", "spec", "oracle", "oracle_partial") or r not in ("", "lse", "mass") or (m == "dense" and r):
         raise SystemExit(f"error: unknown mode {c[0]!r}")
 
 class Oracle(InfiniGenKV):

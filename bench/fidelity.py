@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from decode import jsonable  # noqa: E402
 from minigen.cli import POLICY_FLAGS  # noqa: E402
-from minigen.hostlimit import EVICT_POLICIES  # noqa: E402
+from minigen.hostlimit import EVICT_POLICIES, evict_policy  # noqa: E402
 
 PLAYS = ("hamlet", "macbeth", "othello", "tempest")
 ESSAY_STARTS = ("gap", "love", "pow", "vw")          # runs of consecutive essays from these on
@@ -104,8 +104,11 @@ def parse_label(text: str) -> tuple[str, dict]:
         if v <= 0 or (key in FRACTIONS and v > 1):
             raise ValueError(f"{text!r}: {item!r} must be " + ("in (0, 1]" if key in FRACTIONS else "> 0"))
         opts[key] = v
-    if "evict" in opts and "cpu_kv_limit" not in opts:
-        raise ValueError(f"{text!r}: evict chooses what a full host pool overwrites: it needs cpu_kv_limit")
+    if "evict" in opts:
+        try:
+            evict_policy(opts["evict"], opts.get("cpu_kv_limit"))
+        except ValueError as e:
+            raise ValueError(f"{text!r}: {e}") from None
     return policy, opts
 
 

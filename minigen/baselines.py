@@ -87,7 +87,6 @@ class _BudgetKV(KVPolicy):
                              ops=ops, sm_scale=model.sm_scale)
         self._num_kept = torch.zeros((), dtype=torch.int64, device=self.device)     # rows attended
         self._num_cached = torch.zeros((), dtype=torch.int64, device=self.device)   # rows cached
-        self._warm_counts = None   # the counts before the engine's warm-up steps (warmup)
 
     def allocate(self, num_slots: int, max_seq_len: int) -> None:
         self.dense.allocate(num_slots, max_seq_len)
@@ -150,14 +149,8 @@ class _BudgetKV(KVPolicy):
     def _prefill_done(self, layer: int, q: torch.Tensor) -> None:
         """After a sparse layer's prefill attention (the new K/V are in the cache)."""
 
-    def warmup(self, on: bool) -> None:
-        self.dense.warmup(on)
-        if on:
-            self._warm_counts = (self._num_cached.clone(), self._num_kept.clone())
-        elif self._warm_counts is not None:
-            self._num_cached.copy_(self._warm_counts[0])
-            self._num_kept.copy_(self._warm_counts[1])
-            self._warm_counts = None
+    def warm_state(self) -> tuple:
+        return self._num_cached, self._num_kept     # fetched_fraction counts real steps only
 
     def stats(self) -> dict:
         total = int(self._num_cached.item())       # sync: stats are read after a run, not in a step

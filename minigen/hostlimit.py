@@ -18,6 +18,17 @@ import math
 import torch
 
 EVICT_POLICIES = ("counter", "fifo")
+def evict_policy(evict: str | None, cpu_kv_limit) -> str:
+    """The eviction rule in effect: `evict` (None = counter), checked; asking for one without a
+    host limit is an error (nothing is ever overwritten then), not silently ignored."""
+    if evict is not None and cpu_kv_limit is None:
+        raise ValueError("--evict chooses the row a full host pool overwrites: it needs --cpu-kv-limit")
+    evict = "counter" if evict is None else evict
+    if evict not in EVICT_POLICIES:
+        raise ValueError(f"evict must be one of {', '.join(EVICT_POLICIES)}, got {evict!r}")
+    return evict
+
+
 _SUFFIX = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 

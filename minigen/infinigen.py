@@ -42,7 +42,7 @@ import math
 import torch
 
 from kernels.partial_qk import token_stride
-from minigen.hostlimit import EVICT_POLICIES, parse_cpu_kv_limit, pool_rows, prefill_plan, victim_rows
+from minigen.hostlimit import evict_policy, parse_cpu_kv_limit, pool_rows, prefill_plan, victim_rows
 from minigen.kv import DenseKV
 from minigen.offload import PooledKV
 
@@ -96,11 +96,7 @@ class InfiniGenKV(PooledKV):
         if recent is not None and (isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent < 2**23):
             raise ValueError(f"--recent must be an int in [0, 2^23) (cached tokens always fetched), got {recent!r}")
         self.cpu_kv_limit = None if cpu_kv_limit is None else parse_cpu_kv_limit(cpu_kv_limit)
-        if evict is not None and self.cpu_kv_limit is None:
-            raise ValueError("--evict chooses the row a full host pool overwrites: it needs --cpu-kv-limit")
-        evict = "counter" if evict is None else evict
-        if evict not in EVICT_POLICIES:
-            raise ValueError(f"evict must be one of {', '.join(EVICT_POLICIES)}, got {evict!r}")
+        evict = evict_policy(evict, self.cpu_kv_limit)
         if isinstance(evict_window, bool) or not isinstance(evict_window, int) or evict_window < 0:
             raise ValueError(f"evict_window must be an int >= 0, got {evict_window!r}")
         self.evict, self.evict_window = evict, evict_window
@@ -245,7 +241,7 @@ class InfiniGenKV(PooledKV):
         # the current token's partial key joins the partial cache for later steps
         pk_cur = torch.einsum("bgd,bgdr->bgr", k, self.a_sel[j, meta.token_slot].to(k.dtype))  # (B, Hkv, R)
         rows = self._decode_rows(j)                                            # (B,) int64
-        if self._undo is not None and self.limited:   # a warm-up step: keep the rows it overwrites
+        if self._undo is not None:   # a warm-up step on a limited pool: keep the rows it overwrites
             self._undo.append(self._saved_rows(j, rows))
         self.pk[j][meta.token_slot, :, :, rows] = pk_cur
         out = self.ops.sparse_attention(q, self.sel_k[buf, :B], self.sel_v[buf, :B], self.count[buf, :B],
@@ -263,21 +259,16 @@ class InfiniGenKV(PooledKV):
         the counters and row positions: the warm-up leaves no trace, so the limited pool's step can
         be captured. Every pool also puts back its fetch counters (the stats count real steps).
         Device work only, on the engine's warm-up stream."""
-        self.dense.warmup(on)
+        if not on and self._undo:
+            for j, slot, rows, k, v, pk in reversed(self._undo):   # newest first: a row hit twice ends as it was
+                self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], slot, rows)
+                self.pk[j][slot, :, :, rows] = pk
+        self._undo = [] if on and self.limited else None
+        super().warmup(on)                           # counters, row positions, fetch counts
+
+    def warm_state(self) -> tuple:
         stats = (self._num_fetched, self._num_candidates)   # fetched_fraction counts real steps only
-        if on:
-            state = (self.counter, self.row_pos) if self.limited else ()
-            self._undo = [tuple(t.clone() for t in stats + state)]
-            return
-        if self._undo is None:
-            return
-        first, *saved = self._undo
-        for j, slot, rows, k, v, pk in reversed(saved):   # newest first: a row hit twice ends as it was
-            self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], slot, rows)
-            self.pk[j][slot, :, :, rows] = pk
-        for t, old in zip(stats + ((self.counter, self.row_pos) if self.limited else ()), first):
-            t.copy_(old)
-        self._undo = None
+        return stats + ((self.counter, self.row_pos) if self.limited else ())
 
     def _saved_rows(self, j: int, rows: torch.Tensor) -> tuple:
         """Pool row `rows[b]` of each decoding sequence in pooled layer j as it is now: K, V

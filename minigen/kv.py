@@ -83,11 +83,25 @@ class KVPolicy:
     def stats(self) -> dict:
         return {}
 
+    _warm_saved: list | None = None
+
+    def warm_state(self) -> tuple:
+        """Device tensors that a decode step changes in place and that the engine's warm-up steps
+        must leave as they were (counters behind stats, eviction state): none by default, since
+        K/V written past the live lengths is overwritten before it is read."""
+        return ()
+
     def warmup(self, on: bool) -> None:
         """The engine runs a few decode steps before it captures a CUDA graph (kernels compiled,
         allocations settled): warmup(True) before them, warmup(False) after, on the same stream.
-        A policy whose decode step changes live state (a full host pool overwriting a row) puts
-        it back here; the rest write only past the live lengths and need nothing."""
+        warm_state() is copied before and written back after; a policy that changes more (a full
+        host pool overwriting a row) extends this."""
+        if on:
+            self._warm_saved = [t.clone() for t in self.warm_state()]
+        elif self._warm_saved is not None:
+            for t, old in zip(self.warm_state(), self._warm_saved):
+                t.copy_(old)
+            self._warm_saved = None
 
     def close(self) -> None:
         """Release the cache memory."""

@@ -227,6 +227,17 @@ def _pool_state(kv):
     return [t.clone() for t in (kv.pool.k, kv.pool.v, kv.pk, kv.counter, kv.row_pos)]
 
 
+def _decode_steps(eng, g, seqs, steps):
+    """`steps` teacher-forced decode steps of two sequences: their (steps, 2, V) logits."""
+    logits = []
+    for t in range(steps):
+        g.tokens.copy_(torch.tensor([5 + t, 9 + 2 * t]))
+        logits.append(eng.decode_step(g).clone())
+        for s in seqs:
+            s.cached_ids.append(0)
+    return torch.stack(logits)
+
+
 @pytest.mark.parametrize("window,select", [(W, SPARSE),
                                            # no window, every row selected alike: both warm-up
                                            # steps overwrite row 0, so the restore order matters
@@ -256,13 +267,7 @@ def test_warmup_leaves_a_full_pool_as_it_was(model, window, select):
         after = _pool_state(eng.kv)
         if warm and hooks:
             assert eng.kv._num_fetched.item() == 0 and eng.kv._num_candidates.item() == 0
-        logits = []
-        for t in range(6):
-            g.tokens.copy_(torch.tensor([5 + t, 9 + 2 * t]))
-            logits.append(eng.decode_step(g).clone())
-            for s in seqs:
-                s.cached_ids.append(0)
-        return before, after, torch.stack(logits), eng.kv.stats()
+        return before, after, _decode_steps(eng, g, seqs, 6), eng.kv.stats()
 
     before, after, got, stats = run(warm=True)
     for a, b in zip(before, after):
@@ -372,13 +377,7 @@ def test_limited_pool_captured_equals_uncaptured():
         eng.prefill(seqs)
         g = eng._decode_graph(seqs)
         assert (g.graph is not None) == graph
-        logits = []
-        for t in range(12):
-            g.tokens.copy_(torch.tensor([5 + t, 9 + 2 * t]))
-            logits.append(eng.decode_step(g).clone())
-            for s in seqs:
-                s.cached_ids.append(0)
-        return torch.stack(logits), eng.kv.row_pos.cpu(), eng.kv.counter.cpu()
+        return _decode_steps(eng, g, seqs, 12), eng.kv.row_pos.cpu(), eng.kv.counter.cpu()
 
     got, want = run(True), run(False)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
