@@ -346,9 +346,13 @@ def time_real_text(model, tokenizer, *, policy: str, batch: int, context: int, s
 # ---------------------------------------------------------------------------------------------
 # transformers baselines: the same shape through its own generate()
 # ---------------------------------------------------------------------------------------------
-def time_transformers(hf_cfg: dict, *, batch: int, context: int, steps: int, mode: str, dtype) -> dict:
+def time_transformers(hf_cfg: dict, *, batch: int, context: int, steps: int, mode: str, dtype,
+                      reps: int = 3) -> dict:
     """Per-step decode time of transformers' generate: (t(1 + steps) - t(1)) / steps, where t(n)
-    generates n tokens after a `context`-token prompt (the difference removes the prefill)."""
+    generates n tokens after a `context`-token prompt (the difference removes the prefill). Every
+    mode is first run once at full length (allocator growth, kernel selection, the static cache's
+    compilation), then t(1) and t(1 + steps) are each the best of `reps` runs: one cold run in a
+    process had measured the dynamic cache at 63 ms per step where warm runs take 21-34 ms."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.for_model(hf_cfg["model_type"], **{k: v for k, v in hf_cfg.items() if k != "model_type"})
@@ -371,10 +375,9 @@ def time_transformers(hf_cfg: dict, *, batch: int, context: int, steps: int, mod
         assert out.shape[1] == context + n
         return time.perf_counter() - t0
     run(2)                      # warm-up (and compilation, for the static cache)
-    if mode == "static":
-        run(steps + 1)
-    t1 = min(run(1) for _ in range(2))
-    tn = run(steps + 1)
+    run(steps + 1)
+    t1 = min(run(1) for _ in range(reps))
+    tn = min(run(steps + 1) for _ in range(reps))
     res = dict(step_ms=(tn - t1) * 1000 / steps, transformers=transformers.__version__,
                peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30)
     del m
