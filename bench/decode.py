@@ -404,6 +404,8 @@ def main(argv=None) -> int:
     p.add_argument("--dense-layers", type=int, default=None)
     p.add_argument("--recent", type=int, default=None, help="infinigen: last N cached tokens always fetched")
     p.add_argument("--cpu-kv-limit", default=None, help="infinigen: host pool limit, bytes or a fraction")
+    p.add_argument("--fetch", choices=("copy", "kernel"), default=None,
+                   help="offload/int4: copy engine (eager step) or gather_kv kernel (CUDA-graph step)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--steps", type=int, default=64)

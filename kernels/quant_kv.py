@@ -100,21 +100,28 @@ def _quantize_kv_kernel(
 @triton.jit
 def _dequantize_kv_kernel(
     # pointers
-    Packed, Scale, Min, Out,
+    Packed, Scale, Min, Out, Count,
     # sizes
     num_tokens, num_kv_heads,
     # strides (elements; (sequence, token, head), the last dim contiguous everywhere)
     stride_ps, stride_pt, stride_ph,
     stride_ss, stride_st, stride_sh,
     stride_os, stride_ot, stride_oh,
+    stride_c,
     # constexprs
     GROUP: tl.constexpr, HALF_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
 ):
     # ---- rows of this program (row = token * Hkv + head; int32 index math, int64 offsets)
     s = tl.program_id(1).to(tl.int64)
+    n_tok = num_tokens
+    if HAS_COUNT:   # this sequence's live tokens, read on the device (graph-capturable)
+        n_tok = tl.minimum(tl.load(Count + s * stride_c), num_tokens)
+    if tl.program_id(0) * BLOCK_R >= n_tok * num_kv_heads:
+        return
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     t, h = (rows // num_kv_heads).to(tl.int64), (rows % num_kv_heads).to(tl.int64)
-    r_mask = rows < num_tokens * num_kv_heads
+    r_mask = rows < n_tok * num_kv_heads
     cols = tl.arange(0, BLOCK_C)                          # byte j: elements 2j and 2j + 1
     mask = r_mask[:, None] & (cols < HALF_D)[None, :]     # (BLOCK_R, BLOCK_C)
 
@@ -199,6 +206,15 @@ def _check_dequantize(packed, scale, mn, out, dtype):
     return G, out
 
 
+def _check_counts(counts: torch.Tensor | None, packed: torch.Tensor) -> None:
+    if counts is None:
+        return
+    S = 1 if packed.dim() == 3 else packed.shape[0]
+    if counts.shape != (S,) or counts.dtype != torch.int32 or counts.device != packed.device:
+        raise ValueError(f"dequantize_kv: counts must be ({S},) int32 on {packed.device}, got "
+                         f"{tuple(counts.shape)} {counts.dtype} on {counts.device}")
+
+
 def _check_rows(rows: int, what: str) -> None:
     if rows >= 2**31:
         raise ValueError(f"{what}: {rows} (token, head) rows per sequence exceed int32 indexing; split the call")
@@ -232,10 +248,13 @@ def quantize_kv(x: torch.Tensor, group_size: int = DEFAULT_GROUP, out=None):
 
 
 def dequantize_kv(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor | None = None,
-                  dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float16, counts: torch.Tensor | None = None) -> torch.Tensor:
     """packed (S, T, Hkv, D/2) (or (N, Hkv, D/2)), scale/min (..., D/G) -> (..., D) in out's dtype
-    (or `dtype`). Every row is converted, stale ones too: callers slice to the rows they need."""
+    (or `dtype`). Without counts every row is converted, stale ones too: callers slice to the rows
+    they need. counts (S,) int32 on the device: only sequence s's first counts[s] tokens are
+    converted and the rest of out is left as it was (no host read: a CUDA graph can hold it)."""
     G, out = _check_dequantize(packed, scale, mn, out, dtype)
+    _check_counts(counts, packed)
     S, (T, Hkv) = (1 if packed.dim() == 3 else packed.shape[0]), packed.shape[-3:-1]
     D = 2 * packed.shape[-1]
     if S * T * Hkv == 0:
@@ -244,10 +263,12 @@ def dequantize_kv(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, o
     block_c = triton.next_power_of_2(D // 2)
     block_r = max(1, min(triton.next_power_of_2(T * Hkv), 4096 // (2 * block_c)))
     _dequantize_kv_kernel[(triton.cdiv(T * Hkv, block_r), S)](
-        packed, scale, mn, out,
+        packed, scale, mn, out, packed if counts is None else counts,
         T, Hkv,
         *_seq_token_head(packed), *_seq_token_head(scale), *_seq_token_head(out),
-        GROUP=G, HALF_D=D // 2, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4, enable_fp_fusion=False,
+        0 if counts is None else counts.stride(0),
+        GROUP=G, HALF_D=D // 2, BLOCK_R=block_r, BLOCK_C=block_c, HAS_COUNT=counts is not None,
+        num_warps=4, enable_fp_fusion=False,
     )
     return out
 
@@ -270,10 +291,16 @@ def quantize_kv_ref(x: torch.Tensor, group_size: int = DEFAULT_GROUP, out=None):
 
 
 def dequantize_kv_ref(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor | None = None,
-                      dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                      dtype: torch.dtype = torch.float16, counts: torch.Tensor | None = None) -> torch.Tensor:
     G, out = _check_dequantize(packed, scale, mn, out, dtype)
+    _check_counts(counts, packed)
     lead, D = packed.shape[:-1], 2 * packed.shape[-1]
     q = torch.stack([packed & 15, packed >> 4], dim=-1).float()                # (..., D/2, 2)
-    x = q.reshape(*lead, D // G, G) * scale.float()[..., None] + mn.float()[..., None]   # (..., D/G, G)
-    out.copy_(x.reshape(*lead, D))
+    x = (q.reshape(*lead, D // G, G) * scale.float()[..., None] + mn.float()[..., None]).reshape(*lead, D)
+    if counts is None:
+        out.copy_(x)
+    else:   # rows past a sequence's count stay as they were (host read of counts: the ref's privilege)
+        for s, n in enumerate(counts.tolist()):
+            o, xs = (out, x) if packed.dim() == 3 else (out[s], x[s])
+            o[:n].copy_(xs[:n])
     return out

@@ -40,7 +40,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 # which command-line policy settings each policy takes
 POLICY_FLAGS = {
-    "dense": (), "offload": (), "int4": (),
+    "dense": (), "offload": ("fetch",), "int4": ("fetch",),
     "infinigen": ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "cpu_kv_limit", "evict"),
     "h2o": ("budget", "dense_layers"),
     "window": ("budget", "sinks", "dense_layers"),
@@ -49,7 +49,7 @@ POLICY_FLAGS = {
 
 def policy_opts(args) -> dict:
     """The policy settings given on the command line (only those set), checked against --policy."""
-    names = ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "sinks", "evict")
+    names = ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "sinks", "evict", "fetch")
     opts = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "cpu_kv_limit", None) is not None:
         opts["cpu_kv_limit"] = parse_cpu_kv_limit(args.cpu_kv_limit)

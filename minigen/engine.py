@@ -72,11 +72,13 @@ def make_policy(name: str, model, *, device, dtype, **opts) -> KVPolicy:
     if name == "int4":
         from minigen.int4 import Int4KV
         return Int4KV(model, **common, **opts)
-    if opts:
-        raise ValueError(f"policy '{name}' takes no options, got {', '.join(sorted(opts))}")
     if name == "offload":
         from minigen.offload import OffloadKV
-        return OffloadKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, sm_scale=model.sm_scale, **common)
+        if set(opts) - {"fetch"}:
+            raise ValueError(f"policy 'offload' takes only fetch=, got {', '.join(sorted(opts))}")
+        return OffloadKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, sm_scale=model.sm_scale, **common, **opts)
+    if opts:
+        raise ValueError(f"policy '{name}' takes no options, got {', '.join(sorted(opts))}")
     return DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, sm_scale=model.sm_scale, **common)
 
 

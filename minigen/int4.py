@@ -21,10 +21,11 @@ Record layout: one token of one head is R = D/2 + 4 D/G bytes,
 and the pool is (L, S, T, Hkv, R) uint8 for K and again for V, so a sequence's cached tokens of a
 layer are one contiguous block of n * Hkv * R bytes per K and V, as in `offload`. The quantize and
 dequantize kernels read/write the three fields through strided views of the records.
-Not captured in a CUDA graph (graph_safe False): like offload, copies are sized by host lengths.
-So with 0.28x the bytes, a step is bound by the host's launch rate rather than PCIe (H100, llama2-7b
-shape fp16, batch 1, 8K context: int4 35-62 ms per step between runs of the same command vs its
-22 ms PCIe floor, bench/results/report/int4_repeat_2026-11-23.txt; offload 79 ms).
+Fetch (minigen/offload.py): `kernel` by default, gather_kv reading the pinned records with the
+lengths on the device and dequantize_kv masking by them, so the decode step is captured in a CUDA
+graph; `copy` (the copy engine, sized by host lengths) runs eagerly, and then a 7B step is bound by
+the host's ~580 launches rather than by PCIe (H100, llama2-7b shape fp16, batch 1, 8K context:
+35-70 ms per step between runs vs its 22 ms PCIe floor, bench/results/report/int4_repeat_2026-11-23.txt).
 """
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ class Int4KV(OffloadKV):
 
     name = "int4"
 
-    def __init__(self, model, *, dtype, device, ops, group_size: int = quant_kv.DEFAULT_GROUP):
+    def __init__(self, model, *, dtype, device, ops, group_size: int = quant_kv.DEFAULT_GROUP,
+                 fetch: str = "kernel"):
         cfg = model.config
         super().__init__(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device, ops=ops,
-                         sm_scale=model.sm_scale)
+                         sm_scale=model.sm_scale, fetch=fetch)
         D = cfg.head_dim
         self.group_size = quant_kv.kv_group_size(D, group_size)
         if D % 4:   # the fp16 scale must start on an even byte of the record
@@ -69,6 +71,7 @@ class Int4KV(OffloadKV):
         self.prefill_v = self._gpu((S, T, Hkv, self.head_dim))      # for prefill and decode alike
         self._rec_decode = self._gpu((2, S, Hkv, R), torch.uint8, zero=True)   # current tokens' K/V records
         self._make_events()
+        self._make_iota(max_seq_len)
 
     def begin(self, meta) -> None:
         super().begin(meta)     # offload: counts, then layers 0 and 1 start fetching (decode)
@@ -80,12 +83,13 @@ class Int4KV(OffloadKV):
             self._max_cached = max(meta.host_start)   # host ints: rows worth dequantizing
 
     # -- attention ------------------------------------------------------------------------------
-    def _dequantize_staged(self, buf: int, B: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """staging[buf][:B, :n] records -> prefill_k/v[:B, :n] (B, n, Hkv, D) in the model dtype.
+    def _dequantize_staged(self, buf: int, B: int, n: int, counts=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """staging[buf][:B, :n] records -> prefill_k/v[:B, :n] (B, n, Hkv, D) in the model dtype,
+        only each sequence's first counts[b] rows when counts (B,) is given (device lengths).
         Rows past a sequence's own length are stale; attention never reads them."""
         kd, vd = self.prefill_k[:B, :n], self.prefill_v[:B, :n]
-        self.dequantize(*self.fields(self.stage_k[buf, :B, :n]), out=kd)
-        self.dequantize(*self.fields(self.stage_v[buf, :B, :n]), out=vd)
+        self.dequantize(*self.fields(self.stage_k[buf, :B, :n]), out=kd, counts=counts)
+        self.dequantize(*self.fields(self.stage_v[buf, :B, :n]), out=vd, counts=counts)
         return kd, vd
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -117,7 +121,10 @@ class Int4KV(OffloadKV):
         if self.is_cuda:
             main = torch.cuda.current_stream(self.device)
             main.wait_event(self.fetched[layer])  # main waits: layer's records are on the GPU
-        kd, vd = self._dequantize_staged(buf, B, self._max_cached)          # (B, n, Hkv, D)
+        if self.fetch == "kernel":   # lengths on the device: the whole buffer's shape, counts masking
+            kd, vd = self._dequantize_staged(buf, B, self._capacity, self._count[:, 0])
+        else:
+            kd, vd = self._dequantize_staged(buf, B, self._max_cached)      # (B, n, Hkv, D)
         if self.is_cuda:
             self.buf_free[buf].record(main)       # copy may overwrite staging[buf]: dequantized already
         if layer + 2 < self.num_layers:

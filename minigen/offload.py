@@ -13,6 +13,14 @@ moves pool -> GPU staging. Two staging buffers alternate by layer parity:
                      token's K/V to the pool; main records buf_free[i % 2]; copy waits on it
                      and fetches layer i + 2 into the same buffer
 so layer i+2's transfer overlaps layers i+1 and i+2's compute, and no device-wide sync happens.
+
+Two ways to fetch (`fetch=`), measured end to end in bench/results/issue3/fetch/:
+    copy     the copy engine: one cudaMemcpyAsync per sequence and tensor, sized by the host's
+             lengths, so the step runs eagerly (a 7B step launches ~580 kernels: 30-50 ms of
+             host time, the bound when the PCIe transfer is shorter than that)
+    kernel   gather_kv (kernels/gather_kv.py) reads the pinned pool over PCIe with the lengths
+             on the device, every token's row cut into chunks of <= 512 bytes as if they were
+             heads, so the decode step is captured in a CUDA graph like dense's
 """
 from __future__ import annotations
 
@@ -130,10 +138,36 @@ class PooledKV(KVPolicy):
             torch._C._host_emptyCache()   # pinned blocks go back to the OS, not to torch's cache
 
 
+FETCHES = ("copy", "kernel")
+
+
+def chunk_elems(row_elems: int, elem_bytes: int) -> int:
+    """The largest divisor of a token's row (row_elems elements) of at most 512 bytes, or the whole
+    row when it is that small: gather_kv's "head" size for a whole-prefix fetch (rows of a few
+    hundred bytes keep many PCIe reads in flight)."""
+    if row_elems * elem_bytes <= 512:
+        return row_elems
+    return max(d for d in range(1, 512 // elem_bytes + 1) if row_elems % d == 0)
+
+
+def row_chunks(t: torch.Tensor, c: int) -> torch.Tensor:
+    """(S, T, ...) whose token rows are contiguous -> a (S, W/c, T, c) view: each row's chunks of c
+    elements as if they were heads (the layout gather_kv copies)."""
+    S, T = t.shape[:2]
+    return t.view(S, T, -1, c).permute(0, 2, 1, 3)
+
+
 class OffloadKV(PooledKV):
     """All K/V in the host pool; each decode step fetches every layer's whole KV."""
 
     name = "offload"
+
+    def __init__(self, *args, fetch: str = "copy", **kw):
+        super().__init__(*args, **kw)
+        if fetch not in FETCHES:
+            raise ValueError(f"{self.name}: fetch must be one of {', '.join(FETCHES)}, got {fetch!r}")
+        self.fetch = fetch
+        self.graph_safe = fetch == "kernel"   # lengths read on the device only: capturable
 
     def allocate(self, num_slots: int, max_seq_len: int) -> None:
         self._alloc_pool(num_slots, max_seq_len)
@@ -141,6 +175,13 @@ class OffloadKV(PooledKV):
         self.stage_k, self.stage_v = self._gpu(shape), self._gpu(shape)
         self.prefill_k, self.prefill_v = self.stage_k[0], self.stage_v[0]   # prefill reuses buffer 0
         self._make_events()
+        self._make_iota(max_seq_len)
+
+    def _make_iota(self, max_seq_len: int) -> None:
+        """fetch=kernel: token indices 0..T-1, gather_kv's idx for a whole prefix."""
+        if self.fetch == "kernel":
+            self._iota = torch.arange(max_seq_len, dtype=torch.int32, device=self.device)
+            self._chunk = chunk_elems(self.pool.k[0, 0, 0].numel(), self.pool.k.element_size())
 
     def _make_events(self) -> None:
         if self.is_cuda:
@@ -154,6 +195,7 @@ class OffloadKV(PooledKV):
         # every layer attends over the fetched tokens [0, n-1) of each sequence, plus the current one
         B = meta.num_seqs
         self._count = (meta.seq_lens - 1).to(torch.int32)[:, None].expand(B, self.num_kv_heads).contiguous()
+        self._slot_idx = meta.slot_idx
         if self.is_cuda:
             main = torch.cuda.current_stream(self.device)
             for ev in self.buf_free:      # copy stream starts after everything main did so far
@@ -168,10 +210,22 @@ class OffloadKV(PooledKV):
             cs = self.copy_stream
             cs.wait_event(self.buf_free[buf])    # copy waits: main is done reading this buffer
             with torch.cuda.stream(cs):
-                self._copy_rows(layer, buf)
+                self._fetch_rows(layer, buf)
             self.fetched[layer].record(cs)       # main waits on it in attend(layer)
         else:
+            self._fetch_rows(layer, buf)
+
+    def _fetch_rows(self, layer: int, buf: int) -> None:
+        """Decode: every sequence's cached rows of `layer` -> staging[buf], by the chosen fetch."""
+        if self.fetch == "copy":
             self._copy_rows(layer, buf)
+            return
+        B, T, c = self._count.shape[0], self._iota.shape[0], self._chunk
+        ks, vs = row_chunks(self.pool.k[layer], c), row_chunks(self.pool.v[layer], c)            # (S, H, T, c)
+        kd, vd = row_chunks(self.stage_k[buf, :B], c), row_chunks(self.stage_v[buf, :B], c)    # (B, H, T, c)
+        H = ks.shape[1]
+        self.ops.gather_kv(ks, vs, self._iota.expand(B, H, T), self._count[:, :1].expand(B, H), self._slot_idx,
+                           kd, vd)
 
     def _copy_rows(self, layer: int, buf: int) -> None:
         meta = self.meta

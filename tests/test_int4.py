@@ -68,19 +68,19 @@ def model(request):
     return minigen_from_hf(hf)
 
 
-def engine(model, policy, prompts, max_prefill_tokens=4096):
+def engine(model, policy, prompts, max_prefill_tokens=4096, **opts):
     """An engine on `policy` ("reference" installs QuantizedPrefixDense)."""
     eng = Engine(model, IdTokenizer(), policy="dense" if policy == "reference" else policy, max_batch=len(prompts),
-                 max_seq_len=64, max_prefill_tokens=max_prefill_tokens)
+                 max_seq_len=64, max_prefill_tokens=max_prefill_tokens, policy_opts=opts)
     if policy == "reference":
         eng.kv = QuantizedPrefixDense(model, min(64, model.config.head_dim))
         eng.kv.allocate(len(prompts), 64)
     return eng
 
 
-def step_logits(model, policy, prompts, steps=6, max_prefill_tokens=4096):
+def step_logits(model, policy, prompts, steps=6, max_prefill_tokens=4096, **opts):
     """Prefill logits of every prompt token, then teacher-forced decode logits (B, V) per step."""
-    eng = engine(model, policy, prompts, max_prefill_tokens)
+    eng = engine(model, policy, prompts, max_prefill_tokens, **opts)
     seqs = [eng.new_sequence(p) for p in prompts]
     prefill = eng.prefill(seqs, all_logits=True)
     g = eng._decode_graph(seqs)
@@ -93,9 +93,11 @@ def step_logits(model, policy, prompts, steps=6, max_prefill_tokens=4096):
     return torch.cat(prefill), torch.stack(out), eng
 
 
-def test_int4_equals_quantized_reference(model):
+@pytest.mark.parametrize("fetch", ["kernel", "copy"])
+def test_int4_equals_quantized_reference(model, fetch):
     want_p, want_d, _ = step_logits(model, "reference", PROMPTS)
-    got_p, got_d, eng = step_logits(model, "int4", PROMPTS)
+    got_p, got_d, eng = step_logits(model, "int4", PROMPTS, fetch=fetch)
+    assert eng.kv.fetch == fetch
     assert_close(got_p, want_p, atol=1e-5, rtol=0, what="prefill logits")
     assert_close(got_d, want_d, atol=1e-5, rtol=0, what="decode logits")
     D = model.config.head_dim
@@ -154,7 +156,8 @@ def test_int4_head_dim_80():
     assert kv.stats()["fetched_fraction"] == (40 + 4 * 5) / 160
 
 
-def test_int4_triton_kernels_interpreted():
+@pytest.mark.parametrize("fetch", ["kernel", "copy"])
+def test_int4_triton_kernels_interpreted(fetch):
     """The policy's kernel plumbing (record views, strided staging slices, uint8 append_kv) with the
     Triton kernels under the interpreter, against the same policy on the torch references."""
     from kernels import interpreting
@@ -162,8 +165,9 @@ def test_int4_triton_kernels_interpreted():
         pytest.skip("set TRITON_INTERPRET=1 to run Triton kernels on the CPU")
     hf = tiny_hf_model(tiny_llama_config(num_hidden_layers=2, num_key_value_heads=2))
     prompts = random_prompts(320, (5, 3), seed=6)
-    want = step_logits(minigen_from_hf(hf), "int4", prompts, steps=3, max_prefill_tokens=4)
-    got = step_logits(minigen_from_hf(hf, use_triton=True), "int4", prompts, steps=3, max_prefill_tokens=4)
+    want = step_logits(minigen_from_hf(hf), "int4", prompts, steps=3, max_prefill_tokens=4, fetch=fetch)
+    got = step_logits(minigen_from_hf(hf, use_triton=True), "int4", prompts, steps=3, max_prefill_tokens=4,
+                      fetch=fetch)
     for g, w in zip(got[:2], want[:2]):
         assert_close(g, w, atol=1e-3, rtol=0, what="interpreted vs ref logits")
 
@@ -178,18 +182,21 @@ def test_chat_cli_int4():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama-gqa", "opt"])
-def test_int4_cuda_equals_cpu_reference(arch):
+@pytest.mark.parametrize("fetch", ["kernel", "copy"])
+def test_int4_cuda_equals_cpu_reference(arch, fetch):
     """On the GPU: pinned record pool, copy stream and events, compiled kernels; fp32 logits of
-    every step equal the CPU reference policy's, and greedy generation runs."""
+    every step equal the CPU reference policy's (fetch=kernel: replayed from a CUDA graph), and
+    greedy generation runs."""
     hf = (tiny_hf_model(tiny_llama_config(num_hidden_layers=4, num_key_value_heads=2)) if arch == "llama-gqa"
           else tiny_hf_model(tiny_opt_config(num_hidden_layers=4)))
     want = step_logits(minigen_from_hf(hf), "reference", PROMPTS, steps=12, max_prefill_tokens=8)
     cuda = minigen_from_hf(hf, device="cuda")
-    got = step_logits(cuda, "int4", PROMPTS, steps=12, max_prefill_tokens=8)
+    got = step_logits(cuda, "int4", PROMPTS, steps=12, max_prefill_tokens=8, fetch=fetch)
     assert got[2].kv.pool.k.is_pinned()
+    assert (next(iter(got[2]._graphs.values())).graph is not None) == (fetch == "kernel")
     for g, w in zip(got[:2], want[:2]):
         assert_close(g, w, atol=2e-3, rtol=0, what="CUDA int4 vs CPU reference logits")
-    eng = engine(cuda, "int4", PROMPTS)
+    eng = engine(cuda, "int4", PROMPTS, fetch=fetch)
     seqs = [eng.new_sequence(p) for p in PROMPTS]
     for _ in eng.generate(seqs, SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)):
         pass

@@ -43,14 +43,17 @@ def greedy(model, policy, prompts, **opts):
 PROMPTS = random_prompts(320, (9, 23, 1), seed=4)
 
 
-@pytest.mark.parametrize("policy,opts", [("offload", {}), ("infinigen", EXACT)])
+KERNEL_FETCH = dict(fetch="kernel")     # offload through gather_kv with device lengths (graph-capturable)
+
+
+@pytest.mark.parametrize("policy,opts", [("offload", {}), ("offload", KERNEL_FETCH), ("infinigen", EXACT)])
 def test_policy_logits_equal_dense(model, policy, opts):
     want, _ = step_logits(model, "dense", PROMPTS)
     got, _ = step_logits(model, policy, PROMPTS, **opts)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("policy,opts", [("offload", {}), ("infinigen", EXACT)])
+@pytest.mark.parametrize("policy,opts", [("offload", {}), ("offload", KERNEL_FETCH), ("infinigen", EXACT)])
 def test_policy_greedy_equals_dense(model, policy, opts):
     want, _ = greedy(model, "dense", PROMPTS)
     got, eng = greedy(model, policy, PROMPTS, **opts)
@@ -125,12 +128,15 @@ def test_infinigen_bad_options(model, opts, msg):
         Engine(model, IdTokenizer(), policy="infinigen", max_seq_len=32, policy_opts=opts)
 
 
-def test_offload_takes_no_options(model):
-    with pytest.raises(ValueError, match="takes no options"):
+def test_offload_takes_only_fetch(model):
+    with pytest.raises(ValueError, match="takes only fetch="):
         Engine(model, IdTokenizer(), policy="offload", max_seq_len=32, policy_opts=dict(alpha=1.0))
+    with pytest.raises(ValueError, match="fetch must be one of copy, kernel"):
+        Engine(model, IdTokenizer(), policy="offload", max_seq_len=32, policy_opts=dict(fetch="dma"))
 
 
-@pytest.mark.parametrize("policy,opts", [("offload", {}), ("infinigen", EXACT), ("infinigen", dict(alpha=2.0, budget=0.5)),
+@pytest.mark.parametrize("policy,opts", [("offload", {}), ("offload", KERNEL_FETCH), ("infinigen", EXACT),
+                                         ("infinigen", dict(alpha=2.0, budget=0.5)),
                                          ("infinigen", dict(alpha=float("inf"), budget=0.2, recent=3))])
 def test_policy_triton_kernels_interpreted(policy, opts):
     """The policies' kernel plumbing (strided pool views, parity buffers) with the Triton kernels
@@ -147,16 +153,18 @@ def test_policy_triton_kernels_interpreted(policy, opts):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama-gqa", "opt"])
-@pytest.mark.parametrize("policy,opts", [("offload", {}), ("infinigen", EXACT)])
+@pytest.mark.parametrize("policy,opts", [("offload", {}), ("offload", KERNEL_FETCH), ("infinigen", EXACT)])
 def test_policy_equals_dense_cuda(arch, policy, opts):
     """On the GPU: pinned pool, copy/side streams and events, compiled kernels; fp32 logits of
-    every teacher-forced step equal dense, and greedy tokens match."""
+    every teacher-forced step equal dense, and greedy tokens match (fetch=kernel: the decode step
+    replayed from a CUDA graph)."""
     hf = (tiny_hf_model(tiny_llama_config(num_hidden_layers=4, num_key_value_heads=2)) if arch == "llama-gqa"
           else tiny_hf_model(tiny_opt_config(num_hidden_layers=4)))
     model = minigen_from_hf(hf, device="cuda")
     want, _ = step_logits(model, "dense", PROMPTS, steps=12)
     got, eng = step_logits(model, policy, PROMPTS, steps=12, **opts)
     assert eng.kv.pool.k.is_pinned()
+    assert (next(iter(eng._graphs.values())).graph is not None) == eng.kv.graph_safe
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert greedy(model, policy, PROMPTS, **opts)[0] == greedy(model, "dense", PROMPTS)[0]
 

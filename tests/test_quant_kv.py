@@ -69,6 +69,24 @@ def test_dequantize_matches_ref_on_staged_slice(S, T, Hkv, D, dtype, atol, rtol)
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("S,T,Hkv,D,counts", [(3, 9, 3, 32, [0, 9, 4]), (2, 130, 2, 64, [1, 77]),
+                                                (1, 5, 1, 128, [5])])
+def test_dequantize_counts_leaves_the_rest(S, T, Hkv, D, counts):
+    """counts (S,) on the device: rows t < counts[s] converted as without counts, the rest of out
+    untouched (the NaN sentinel survives), for the kernel and the ref alike."""
+    codes = [c.view(S, T, Hkv, -1) for c in quantize_kv_ref(_x((S * T, Hkv, D), torch.float32, seed=3))]
+    full = dequantize_kv_ref(*codes, dtype=torch.float32)
+    n = torch.tensor(counts, dtype=torch.int32)
+    for fn in (dequantize_kv, dequantize_kv_ref):
+        out = torch.full((S, T, Hkv, D), float("nan"))
+        fn(*codes, out=out, counts=n)
+        for s, c in enumerate(counts):
+            assert torch.equal(out[s, :c], full[s, :c]), fn.__name__
+            assert out[s, c:].isnan().all(), f"{fn.__name__} wrote past count {c} of sequence {s}"
+    with pytest.raises(ValueError, match="counts must be"):
+        dequantize_kv(*codes, counts=n.long())
+
+
 def test_format_by_hand():
     """One group of 32 holding 0..15 and back: min 0, scale 1, codes = values, low nibble first."""
     row = torch.cat([torch.arange(16.0), torch.arange(15.0, -1.0, -1)])
