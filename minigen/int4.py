@@ -25,7 +25,8 @@ Fetch (minigen/offload.py): `kernel` by default, gather_kv reading the pinned re
 lengths on the device and dequantize_kv masking by them, so the decode step is captured in a CUDA
 graph; `copy` (the copy engine, sized by host lengths) runs eagerly, and then a 7B step is bound by
 the host's ~580 launches rather than by PCIe (H100, llama2-7b shape fp16, batch 1, 8K context:
-35-70 ms per step between runs vs its 22 ms PCIe floor, bench/results/report/int4_repeat_2026-11-23.txt).
+39.52 ms eager against 24.51 ms captured in one call, minigen/offload.py's table; the eager step
+varied 35-62 ms between runs, bench/results/report/int4_repeat_2026-11-23.txt; PCIe floor 22 ms).
 """
 from __future__ import annotations
 

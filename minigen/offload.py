@@ -17,8 +17,9 @@ so layer i+2's transfer overlaps layers i+1 and i+2's compute, and no device-wid
 Two ways to fetch (`fetch=`), measured end to end (H100, Llama-2-7B shape fp16, batch 1, step
 ms against the PCIe floor of the same run; bench/results/issue3/fetch/):
     copy     the copy engine: one cudaMemcpyAsync per sequence and tensor, sized by the host's
-             lengths, so the step runs eagerly (a 7B step launches ~580 kernels: 30-50 ms of
-             host time, the bound whenever the PCIe transfer is shorter than that)
+             lengths, so the step runs eagerly: a 7B step is ~580 launches from Python (353
+             Triton, 225 linear: host_profile_int4_offload_b1_2048.txt), tens of ms of host
+             time, the bound whenever the PCIe transfer is shorter than that
     kernel   gather_kv (kernels/gather_kv.py) reads the pinned pool over PCIe with the lengths
              on the device, every token's row cut into chunks of <= 512 bytes as if they were
              heads, so the decode step is captured in a CUDA graph like dense's; its SM loads
