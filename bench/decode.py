@@ -406,6 +406,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-kv-limit", default=None, help="infinigen: host pool limit, bytes or a fraction")
     p.add_argument("--fetch", choices=("copy", "kernel"), default=None,
                    help="offload/int4: copy engine (eager step) or gather_kv kernel (CUDA-graph step)")
+    # (the same flag as minigen.cli's; this script builds its own parser for the shape options)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--steps", type=int, default=64)

@@ -16,7 +16,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="KV slot capacity in tokens (default: the model's context, at most 8192)")
-    g = p.add_argument_group("sparse policies (infinigen; --budget also h2o and window)")
+    g = p.add_argument_group("policy settings (infinigen unless the help says otherwise)")
     g.add_argument("--alpha", type=float, default=None,
                    help="keep tokens whose speculated logit is within alpha of the head's max "
                         "(default: 5 for Llama, 4 for OPT; 'inf' turns the threshold off)")
@@ -35,6 +35,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --cpu-kv-limit: which row a new token overwrites when the pool is full: the "
                         "least-selected (counter, the default, as InfiniGen) or the oldest (fifo, for comparison)")
     g.add_argument("--sinks", type=int, default=None, help="window policy: first tokens always kept (default 4)")
+    g.add_argument("--fetch", choices=("copy", "kernel"), default=None,
+                   help="offload / int4: how the host pool reaches the GPU each step: the copy engine (an eager "
+                        "step; offload's default) or the gather_kv kernel (a CUDA-graph step; int4's default)")
     g.add_argument("--skew", default=None, help="skew artifact (.pt) from `python -m minigen.skew` (default: cached per model, computed on first use)")
 
 
@@ -57,8 +60,9 @@ def policy_opts(args) -> dict:
     if wrong:
         flags = ", ".join("--" + n.replace("_", "-") for n in wrong)
         takes = [p for p, f in POLICY_FLAGS.items() if all(n in f for n in wrong)]
-        raise ValueError(f"{flags} do not apply to --policy {args.policy}"
-                         + (f" (they apply to: {', '.join(takes)})" if takes else ""))
+        one = len(wrong) == 1
+        raise ValueError(f"{flags} {'does' if one else 'do'} not apply to --policy {args.policy}"
+                         + (f" ({'it applies' if one else 'they apply'} to: {', '.join(takes)})" if takes else ""))
     return opts
 
 

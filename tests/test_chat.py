@@ -83,11 +83,11 @@ def test_ctrl_c_stops_reply_and_keeps_conversation(llm, monkeypatch):
     (["--model", "/nonexistent/model", "--prompt", "hi"], "error: "),
     (["--temperature", "-1", "--prompt", "hi"], "error: temperature must be >= 0"),
     (["--top-p", "0", "--prompt", "hi"], "error: top_p must be in"),
-    (["--policy", "h2o", "--alpha", "3", "--prompt", "hi"], "--alpha do not apply to --policy h2o"),
-    (["--alpha", "3", "--prompt", "hi"], "do not apply to --policy dense (they apply to: infinigen)"),
+    (["--policy", "h2o", "--alpha", "3", "--prompt", "hi"], "--alpha does not apply to --policy h2o"),
+    (["--alpha", "3", "--prompt", "hi"], "does not apply to --policy dense (it applies to: infinigen)"),
     (["--policy", "infinigen", "--cpu-kv-limit", "1.5", "--prompt", "hi"], "--cpu-kv-limit"),
-    (["--policy", "offload", "--cpu-kv-limit", "0.5", "--prompt", "hi"], "do not apply to --policy offload"),
-    (["--policy", "h2o", "--recent", "8", "--prompt", "hi"], "--recent do not apply to --policy h2o"),
+    (["--policy", "offload", "--cpu-kv-limit", "0.5", "--prompt", "hi"], "does not apply to --policy offload"),
+    (["--policy", "h2o", "--recent", "8", "--prompt", "hi"], "--recent does not apply to --policy h2o"),
 ])
 def test_cli_errors_are_one_line(args, msg):
     r = chat(*args)

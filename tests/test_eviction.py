@@ -297,7 +297,7 @@ def test_policy_opts_cpu_kv_limit():
     ns = dict(alpha=None, budget=None, partial_ratio=None, dense_layers=None, sinks=None)
     assert policy_opts(argparse.Namespace(policy="infinigen", cpu_kv_limit="0.5", **ns)) == {"cpu_kv_limit": 0.5}
     assert policy_opts(argparse.Namespace(policy="infinigen", cpu_kv_limit="2G", **ns)) == {"cpu_kv_limit": 2**31}
-    with pytest.raises(ValueError, match="do not apply to --policy offload"):
+    with pytest.raises(ValueError, match="does not apply to --policy offload"):
         policy_opts(argparse.Namespace(policy="offload", cpu_kv_limit="0.5", **ns))
     with pytest.raises(ValueError, match="--cpu-kv-limit"):
         policy_opts(argparse.Namespace(policy="infinigen", cpu_kv_limit="lots", **ns))
@@ -311,7 +311,7 @@ def test_policy_opts_evict(model):
     assert Engine(model, IdTokenizer(), policy="infinigen", max_seq_len=256, policy_opts=opts).kv.evict == "fifo"
     assert Engine(model, IdTokenizer(), policy="infinigen", max_seq_len=256,
                   policy_opts=dict(cpu_kv_limit=0.5)).kv.evict == "counter"
-    with pytest.raises(ValueError, match="do not apply to --policy h2o"):
+    with pytest.raises(ValueError, match="does not apply to --policy h2o"):
         policy_opts(p.parse_args(["--policy", "h2o", "--evict", "fifo"]))
     with pytest.raises(SystemExit):                                        # argparse: not a choice
         p.parse_args(["--policy", "infinigen", "--evict", "lru"])
@@ -339,7 +339,7 @@ def test_recent_with_limit_is_refused(model):
 
 
 def test_offload_refuses_limit(model):
-    with pytest.raises(ValueError, match="takes no options"):
+    with pytest.raises(ValueError, match="takes only fetch="):
         Engine(model, IdTokenizer(), policy="offload", max_seq_len=T, policy_opts=dict(cpu_kv_limit=0.5))
 
 

@@ -128,6 +128,23 @@ def test_infinigen_bad_options(model, opts, msg):
         Engine(model, IdTokenizer(), policy="infinigen", max_seq_len=32, policy_opts=opts)
 
 
+def test_fetch_flag(model):
+    """--fetch on the shared command line: offload and int4 take it (the engine builds that fetch),
+    the others refuse it."""
+    import argparse
+    from minigen.cli import add_model_args, policy_opts
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    for policy in ("offload", "int4"):
+        opts = policy_opts(p.parse_args(["--policy", policy, "--fetch", "kernel"]))
+        assert opts == {"fetch": "kernel"}
+        assert Engine(model, IdTokenizer(), policy=policy, max_seq_len=32, policy_opts=opts).kv.graph_safe
+    assert not Engine(model, IdTokenizer(), policy="offload", max_seq_len=32).kv.graph_safe   # copy by default
+    assert Engine(model, IdTokenizer(), policy="int4", max_seq_len=32).kv.fetch == "kernel"
+    with pytest.raises(ValueError, match="does not apply to --policy infinigen"):
+        policy_opts(p.parse_args(["--policy", "infinigen", "--fetch", "copy"]))
+
+
 def test_offload_takes_only_fetch(model):
     with pytest.raises(ValueError, match="takes only fetch="):
         Engine(model, IdTokenizer(), policy="offload", max_seq_len=32, policy_opts=dict(alpha=1.0))
