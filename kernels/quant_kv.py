@@ -302,5 +302,5 @@ def dequantize_kv_ref(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tenso
     else:   # rows past a sequence's count stay as they were (host read of counts: the ref's privilege)
         for s, n in enumerate(counts.tolist()):
             o, xs = (out, x) if packed.dim() == 3 else (out[s], x[s])
-            o[:n].copy_(xs[:n])
+            o[:max(n, 0)].copy_(xs[:max(n, 0)])
     return out

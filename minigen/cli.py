@@ -37,7 +37,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sinks", type=int, default=None, help="window policy: first tokens always kept (default 4)")
     g.add_argument("--fetch", choices=("copy", "kernel"), default=None,
                    help="offload / int4: how the host pool reaches the GPU each step: the copy engine (an eager "
-                        "step; offload's default) or the gather_kv kernel (a CUDA-graph step; int4's default)")
+                        "step; offload's default) or the gather_kv kernel (a CUDA-graph step; int4's default on CUDA)")
     g.add_argument("--skew", default=None, help="skew artifact (.pt) from `python -m minigen.skew` (default: cached per model, computed on first use)")
 
 

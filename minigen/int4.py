@@ -21,7 +21,7 @@ Record layout: one token of one head is R = D/2 + 4 D/G bytes,
 and the pool is (L, S, T, Hkv, R) uint8 for K and again for V, so a sequence's cached tokens of a
 layer are one contiguous block of n * Hkv * R bytes per K and V, as in `offload`. The quantize and
 dequantize kernels read/write the three fields through strided views of the records.
-Fetch (minigen/offload.py): `kernel` by default, gather_kv reading the pinned records with the
+Fetch (minigen/offload.py): `kernel` by default on CUDA, gather_kv reading the pinned records with the
 lengths on the device and dequantize_kv masking by them, so the decode step is captured in a CUDA
 graph; `copy` (the copy engine, sized by host lengths) runs eagerly, and then a 7B step is bound by
 the host's ~580 launches rather than by PCIe (H100, llama2-7b shape fp16, batch 1, 8K context:
@@ -41,8 +41,10 @@ class Int4KV(OffloadKV):
 
     name = "int4"
 
+    default_fetch = "kernel"   # on CUDA (minigen/offload.py's table); copy on the CPU
+
     def __init__(self, model, *, dtype, device, ops, group_size: int = quant_kv.DEFAULT_GROUP,
-                 fetch: str = "kernel"):
+                 fetch: str | None = None):
         cfg = model.config
         super().__init__(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device, ops=ops,
                          sm_scale=model.sm_scale, fetch=fetch)
@@ -64,8 +66,8 @@ class Int4KV(OffloadKV):
         L, S, T, Hkv, R = self.num_layers, num_slots, max_seq_len, self.num_kv_heads, self.record_bytes
         self._capacity, self._num_slots = max_seq_len, num_slots
         self.pool = HostKVPool(L, S, T, Hkv, R, dtype=torch.uint8, pin=self.is_cuda)   # (L, S, T, Hkv, R) records
-        # zero-filled byte buffers: stale rows get dequantized too (never read), and garbage fp16
-        # scales there would be NaN/inf
+        # zero-filled byte buffers: with fetch=copy stale rows get dequantized too (never read), and
+        # garbage fp16 scales there would be NaN/inf
         self.stage_k = self._gpu((2, S, T, Hkv, R), torch.uint8, zero=True)   # packed, double buffer (copy stream)
         self.stage_v = self._gpu((2, S, T, Hkv, R), torch.uint8, zero=True)
         self.prefill_k = self._gpu((S, T, Hkv, self.head_dim))      # one dequantized layer (main stream),
@@ -81,7 +83,7 @@ class Int4KV(OffloadKV):
                                   zero=True)
         else:
             self._rec = self._rec_decode[:, :meta.num_seqs]
-            self._max_cached = max(meta.host_start)   # host ints: rows worth dequantizing
+            self._max_cached = max(meta.host_start)   # host ints: rows worth dequantizing (fetch=copy)
 
     # -- attention ------------------------------------------------------------------------------
     def _dequantize_staged(self, buf: int, B: int, n: int, counts=None) -> tuple[torch.Tensor, torch.Tensor]:

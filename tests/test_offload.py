@@ -139,8 +139,8 @@ def test_fetch_flag(model):
         opts = policy_opts(p.parse_args(["--policy", policy, "--fetch", "kernel"]))
         assert opts == {"fetch": "kernel"}
         assert Engine(model, IdTokenizer(), policy=policy, max_seq_len=32, policy_opts=opts).kv.graph_safe
-    assert not Engine(model, IdTokenizer(), policy="offload", max_seq_len=32).kv.graph_safe   # copy by default
-    assert Engine(model, IdTokenizer(), policy="int4", max_seq_len=32).kv.fetch == "kernel"
+    for policy in ("offload", "int4"):   # the CPU path defaults to copy (int4 takes the kernel on CUDA)
+        assert Engine(model, IdTokenizer(), policy=policy, max_seq_len=32).kv.fetch == "copy"
     with pytest.raises(ValueError, match="does not apply to --policy infinigen"):
         policy_opts(p.parse_args(["--policy", "infinigen", "--fetch", "copy"]))
 
@@ -181,7 +181,8 @@ def test_policy_equals_dense_cuda(arch, policy, opts):
     want, _ = step_logits(model, "dense", PROMPTS, steps=12)
     got, eng = step_logits(model, policy, PROMPTS, steps=12, **opts)
     assert eng.kv.pool.k.is_pinned()
-    assert (next(iter(eng._graphs.values())).graph is not None) == eng.kv.graph_safe
+    captured = next(iter(eng._graphs.values())).graph is not None
+    assert captured == (policy == "infinigen" or opts.get("fetch") == "kernel")
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert greedy(model, policy, PROMPTS, **opts)[0] == greedy(model, "dense", PROMPTS)[0]
 
@@ -193,3 +194,53 @@ def test_infinigen_sparse_runs_cuda():
     out, eng = greedy(model, "infinigen", PROMPTS, alpha=3.0, budget=0.3)
     assert all(len(o) == 32 for o in out)
     assert 0 < eng.kv.stats()["fetched_fraction"] <= 0.3 + 1 / 9
+
+
+@pytest.mark.parametrize("row_elems,elem,chunk", [(1024, 4, 128), (4096, 2, 256), (576, 1, 288), (27, 4, 27),
+                                                  (130, 4, 65)])
+def test_chunk_elems(row_elems, elem, chunk):
+    from minigen.offload import chunk_elems
+    assert chunk_elems(row_elems, elem) == chunk
+
+
+@pytest.mark.parametrize("policy", ["offload", "int4"])
+def test_kernel_fetch_stages_what_copy_stages(policy):
+    """Decode staging by fetch=kernel (gather_kv over row chunks, device lengths) equals fetch=copy
+    on every live row: rows over 512 bytes (several chunks per token), a batch whose rows are not
+    its slots (slots 2, 0 of 3), different lengths; Triton kernels under the interpreter when set."""
+    from types import SimpleNamespace
+    from kernels import Ops, interpreting
+    from minigen.int4 import Int4KV
+    from minigen.kv import StepMeta
+    from minigen.offload import OffloadKV
+    L, Hkv, D, S, T = 3, 8, 128, 3, 40        # offload fp32 row 4096 B: 8 chunks; int4 record row 576 B: 2
+    ops = Ops(use_triton=interpreting())
+    fake = SimpleNamespace(config=SimpleNamespace(num_layers=L, num_kv_heads=Hkv, head_dim=D), sm_scale=D**-0.5)
+
+    def make(fetch):
+        kv = (Int4KV(fake, dtype=torch.float32, device="cpu", ops=ops, fetch=fetch) if policy == "int4" else
+              OffloadKV(L, Hkv, D, dtype=torch.float32, device="cpu", ops=ops, sm_scale=D**-0.5, fetch=fetch))
+        kv.allocate(S, T)
+        return kv
+
+    copy, kernel = make("copy"), make("kernel")
+    gen = torch.Generator().manual_seed(0)
+    for pool in ("k", "v"):
+        src = getattr(copy.pool, pool)
+        src.copy_(torch.randint(0, 256, src.shape, generator=gen).to(src.dtype) if src.dtype == torch.uint8
+                  else torch.randn(src.shape, generator=gen))
+        getattr(kernel.pool, pool).copy_(src)
+    slots, cached = [2, 0], [31, 7]
+    meta = StepMeta(is_prefill=False, positions=torch.tensor(cached), token_slot=torch.tensor(slots),
+                    slot_idx=torch.tensor(slots, dtype=torch.int32),
+                    seq_lens=torch.tensor([n + 1 for n in cached], dtype=torch.int32),
+                    host_slots=slots, host_start=cached, host_new=[1, 1])
+    for kv in (copy, kernel):
+        kv.begin(meta)                        # fetches layers 0 and 1 into staging buffers 0 and 1
+    assert kernel._chunk < Hkv * (kernel.record_bytes if policy == "int4" else D)
+    for buf in (0, 1):
+        for b, n in enumerate(cached):
+            for name in ("stage_k", "stage_v"):
+                want, got = getattr(copy, name)[buf, b, :n], getattr(kernel, name)[buf, b, :n]
+                assert torch.equal(got, want), f"{name}[{buf}] batch row {b} (slot {slots[b]})"
+                assert torch.equal(want, getattr(copy.pool, name[-1])[buf, slots[b], :n])
