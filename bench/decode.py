@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from minigen.config import ModelConfig  # noqa: E402
 from minigen.engine import POLICIES  # noqa: E402
+from minigen.offload import FETCHES  # noqa: E402
 
 SHAPES = {   # Hugging Face config fields of real models, weights random
     "llama2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -404,9 +405,8 @@ def main(argv=None) -> int:
     p.add_argument("--dense-layers", type=int, default=None)
     p.add_argument("--recent", type=int, default=None, help="infinigen: last N cached tokens always fetched")
     p.add_argument("--cpu-kv-limit", default=None, help="infinigen: host pool limit, bytes or a fraction")
-    p.add_argument("--fetch", choices=("copy", "kernel"), default=None,
+    p.add_argument("--fetch", choices=FETCHES, default=None,
                    help="offload/int4: copy engine (eager step) or gather_kv kernel (CUDA-graph step)")
-    # (the same flag as minigen.cli's; this script builds its own parser for the shape options)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--steps", type=int, default=64)

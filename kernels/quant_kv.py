@@ -299,8 +299,8 @@ def dequantize_kv_ref(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tenso
     x = (q.reshape(*lead, D // G, G) * scale.float()[..., None] + mn.float()[..., None]).reshape(*lead, D)
     if counts is None:
         out.copy_(x)
-    else:   # rows past a sequence's count stay as they were (host read of counts: the ref's privilege)
-        for s, n in enumerate(counts.tolist()):
+    else:   # rows past a sequence's count stay as they were
+        for s, n in enumerate(counts.tolist()):   # sync: CPU-path reference
             o, xs = (out, x) if packed.dim() == 3 else (out[s], x[s])
             o[:max(n, 0)].copy_(xs[:max(n, 0)])
     return out

@@ -6,6 +6,7 @@ import sys
 
 from minigen.engine import POLICIES
 from minigen.hostlimit import EVICT_POLICIES, parse_cpu_kv_limit
+from minigen.offload import FETCHES
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +36,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --cpu-kv-limit: which row a new token overwrites when the pool is full: the "
                         "least-selected (counter, the default, as InfiniGen) or the oldest (fifo, for comparison)")
     g.add_argument("--sinks", type=int, default=None, help="window policy: first tokens always kept (default 4)")
-    g.add_argument("--fetch", choices=("copy", "kernel"), default=None,
+    g.add_argument("--fetch", choices=FETCHES, default=None,
                    help="offload / int4: how the host pool reaches the GPU each step: the copy engine (an eager "
                         "step; offload's default) or the gather_kv kernel (a CUDA-graph step; int4's default on CUDA)")
     g.add_argument("--skew", default=None, help="skew artifact (.pt) from `python -m minigen.skew` (default: cached per model, computed on first use)")

@@ -18,6 +18,8 @@ import math
 import torch
 
 EVICT_POLICIES = ("counter", "fifo")
+
+
 def evict_policy(evict: str | None, cpu_kv_limit) -> str:
     """The eviction rule in effect: `evict` (None = counter), checked; asking for one without a
     host limit is an error (nothing is ever overwritten then), not silently ignored."""

@@ -74,7 +74,7 @@ class Int4KV(OffloadKV):
         self.prefill_v = self._gpu((S, T, Hkv, self.head_dim))      # for prefill and decode alike
         self._rec_decode = self._gpu((2, S, Hkv, R), torch.uint8, zero=True)   # current tokens' K/V records
         self._make_events()
-        self._make_iota(max_seq_len)
+        self._prepare_kernel_fetch(max_seq_len)
 
     def begin(self, meta) -> None:
         super().begin(meta)     # offload: counts, then layers 0 and 1 start fetching (decode)

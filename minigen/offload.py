@@ -191,10 +191,11 @@ class OffloadKV(PooledKV):
         self.stage_k, self.stage_v = self._gpu(shape), self._gpu(shape)
         self.prefill_k, self.prefill_v = self.stage_k[0], self.stage_v[0]   # prefill reuses buffer 0
         self._make_events()
-        self._make_iota(max_seq_len)
+        self._prepare_kernel_fetch(max_seq_len)
 
-    def _make_iota(self, max_seq_len: int) -> None:
-        """fetch=kernel: token indices 0..T-1, gather_kv's idx for a whole prefix."""
+    def _prepare_kernel_fetch(self, max_seq_len: int) -> None:
+        """fetch=kernel: token indices 0..T-1 (gather_kv's idx for a whole prefix) and the chunk
+        size each token's row is cut into."""
         if self.fetch == "kernel":
             self._iota = torch.arange(max_seq_len, dtype=torch.int32, device=self.device)
             self._chunk = chunk_elems(self.pool.k[0, 0, 0].numel(), self.pool.k.element_size())
