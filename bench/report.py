@@ -25,13 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+import decode as D
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import torch  # noqa: E402
-
-import decode as D  # noqa: E402
 
 POLICIES = ("dense", "offload", "int4", "infinigen", "h2o", "window")
 FIXED = {"infinigen": dict(alpha=float("inf"), budget=0.1), "h2o": dict(budget=0.1), "window": dict(budget=0.1)}
@@ -75,8 +73,8 @@ def run_transformers(ceil: dict, emit) -> None:
 
 
 def run_realtext(text: str, emit, policies=POLICIES) -> None:
-    from minigen.llm import load_model
-    from minigen.skew import load_skew_for
+    from minigen.load import load_model
+    from minigen.calibrate import load_skew_for
     dtype = torch.bfloat16
     model, tok = load_model(None, device=torch.device("cuda"), dtype=dtype)
     skew = load_skew_for(model, tok, None)

@@ -13,9 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
+import torch
 
 
 def rss_gib() -> float:
@@ -65,6 +63,7 @@ def main(argv=None) -> int:
     warm = samples[1:] if len(samples) > 1 else samples
     flat = {k: round(max(s[k] for s in warm) - min(s[k] for s in warm), 4) for k in ("gpu_gib", "rss_gib", "pinned_gib")}
     print(json.dumps(dict(bench="soak", policy=args.policy, batch=args.batch, new_tokens=step,
+                          gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                           seconds=round(elapsed, 1), tok_s=round(args.batch * step / elapsed, 1), kv=stats,
                           growth_after_warmup=flat, samples=samples, before_close=before, after_close=after)))
     return 0

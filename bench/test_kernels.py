@@ -1,5 +1,5 @@
-"""Kernel microbenchmarks: every Triton kernel in kernels/ against its torch `_ref`, fp16, at the
-shapes minigen runs (bench/conftest.py: timing, ceilings, JSON fields).
+"""Kernel microbenchmarks: every Triton kernel in minigen/kernels/ against its torch `_ref`, fp16, at
+the shapes minigen runs (bench/conftest.py: timing, ceilings, JSON fields).
 
     pytest bench --benchmark-only --benchmark-json bench/results/kernels.json      (GPU machine)
 
@@ -8,7 +8,7 @@ Hkv 3, D 64). Steps: decode at batch 1 and 8 with 8192 cached tokens per sequenc
 4096-token prefill chunk that ends at position 8192 (1 x 4096 or 8 x 512 new tokens). The
 InfiniGen ops use the runtime's shapes: R = 20% of D partial dims, alpha 5, ~10% of the tokens
 selected (gather_kv reads them from a pinned HostKVPool, the runtime's layout). quantize_kv and
-dequantize_kv (kernels/quant_kv.py) skip with a reason when that module is absent.
+dequantize_kv (minigen/kernels/quant_kv.py) skip with a reason when that module is absent.
 """
 from __future__ import annotations
 
@@ -18,17 +18,17 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels.append_kv import append_kv, append_kv_ref
-from kernels.decode_attention import decode_attention, decode_attention_ref
-from kernels.gather_kv import gather_kv, gather_kv_ref
-from kernels.layer_norm import layer_norm, layer_norm_ref
-from kernels.partial_qk import partial_qk, partial_qk_ref
-from kernels.prefill_attention import prefill_attention, prefill_attention_ref
-from kernels.rms_norm import rms_norm, rms_norm_ref
-from kernels.rope import rope, rope_ref, rope_tables
-from kernels.select import select, select_ref
-from kernels.sparse_attention import sparse_attention, sparse_attention_ref
-from kernels.swiglu import swiglu, swiglu_ref
+from minigen.kernels.append_kv import append_kv, append_kv_ref
+from minigen.kernels.decode_attention import decode_attention, decode_attention_ref
+from minigen.kernels.gather_kv import gather_kv, gather_kv_ref
+from minigen.kernels.layer_norm import layer_norm, layer_norm_ref
+from minigen.kernels.partial_qk import partial_qk, partial_qk_ref
+from minigen.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from minigen.kernels.rms_norm import rms_norm, rms_norm_ref
+from minigen.kernels.rope import rope, rope_ref, rope_tables
+from minigen.kernels.select import select, select_ref
+from minigen.kernels.sparse_attention import sparse_attention, sparse_attention_ref
+from minigen.kernels.swiglu import swiglu, swiglu_ref
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +159,7 @@ def test_decode_attention(kbench, model, step, impl):
 # the offloaded path: pinned host pool (L, S, T, Hkv, D), one layer used
 # ---------------------------------------------------------------------------------------------
 def host_pool(m: Model, B: int, fill: bool):
-    from minigen.offload import HostKVPool
+    from minigen.kv.pool import HostKVPool
     pool = HostKVPool(1, B, CONTEXT, m.Hkv, m.D, dtype=DTYPE, pin=True)
     if fill:
         from bench.decode import fill_random
@@ -242,12 +242,12 @@ def test_sparse_attention(kbench, model, step, impl):
 
 
 # ---------------------------------------------------------------------------------------------
-# int4 KV (kernels/quant_kv.py, when present)
+# int4 KV (minigen/kernels/quant_kv.py, when present)
 # ---------------------------------------------------------------------------------------------
 def quant_kv_module():
-    mod = pytest.importorskip("kernels.quant_kv", reason="kernels/quant_kv.py is not in this tree")
+    mod = pytest.importorskip("minigen.kernels.quant_kv", reason="minigen/kernels/quant_kv.py is not in this tree")
     if not all(hasattr(mod, f) for f in ("quantize_kv", "quantize_kv_ref", "dequantize_kv", "dequantize_kv_ref")):
-        pytest.skip("kernels.quant_kv has no quantize_kv/dequantize_kv (+ _ref) pair")
+        pytest.skip("minigen.kernels.quant_kv has no quantize_kv/dequantize_kv (+ _ref) pair")
     return mod
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 
 from minigen.cli import add_model_args, add_sampling_args, policy_opts, run_main
-from minigen.engine import Sequence
+from minigen.sequence import Sequence
 from minigen.llm import LLM
 from minigen.sampler import SamplingParams
 

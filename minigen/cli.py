@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minigen.engine import POLICIES
-from minigen.hostlimit import EVICT_POLICIES, parse_cpu_kv_limit
-from minigen.offload import FETCHES
+import torch
+
+from minigen.kv import POLICIES
+from minigen.kv.eviction import EVICT_POLICIES, parse_cpu_kv_limit
+from minigen.kv.offload import FETCHES
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -78,17 +80,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def user_errors():
     """Exception types that are the user's to fix: printed as one line, no traceback."""
-    import torch
-    from minigen.config import ConfigError
-    from minigen.kv import ContextOverflowError
-    errs = [ConfigError, ContextOverflowError, ValueError, NotImplementedError, FileNotFoundError,
-            torch.OutOfMemoryError, MemoryError]
-    try:
-        from minigen.loader import LoadError
-        errs.append(LoadError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    # ConfigError, LoadError and ContextOverflowError (minigen/errors.py) are ValueErrors
+    return (ValueError, NotImplementedError, FileNotFoundError, torch.OutOfMemoryError, MemoryError)
 
 
 def run_main(main) -> None:

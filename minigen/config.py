@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from minigen.errors import ConfigError
+
 SUPPORTED_ARCHS = ("llama", "opt")
-
-
-class ConfigError(ValueError):
-    """A model configuration minigen cannot run; the message says why and what to do."""
 
 
 @dataclass(slots=True)
@@ -62,6 +60,11 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "hidden_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field {name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def sm_scale(self) -> float:
+        """Attention logit scale D^-0.5 (Llama and OPT alike)."""
+        return self.head_dim ** -0.5
 
     @property
     def group_size(self) -> int:

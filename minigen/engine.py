@@ -14,72 +14,13 @@ metadata is built without reading the GPU.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-
 import torch
 
-from minigen.kv import ContextOverflowError, DenseKV, KVPolicy, StepMeta
+from minigen.errors import ContextOverflowError
+from minigen.kv import make_policy
+from minigen.kv.base import StepMeta
 from minigen.sampler import SamplingParams, make_generator, sample_no_sync
-
-POLICIES = ("dense", "offload", "infinigen", "h2o", "window", "int4")
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-sequence state
-# ---------------------------------------------------------------------------------------------
-@dataclass(slots=True)
-class Sequence:
-    slot: int
-    pending: list[int]                     # tokens to prefill next
-    cached_ids: list[int] = field(default_factory=list)   # tokens whose K/V are in the cache
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""                         # text emitted so far (stop strings removed)
-    held: str = ""                         # decoded text held back: may be a stop string's start
-    finished: bool = False
-    finish_reason: str | None = None       # "eos" | "stop" | "length" | "context"
-    decoder: object = None
-
-    @property
-    def num_cached(self) -> int:
-        return len(self.cached_ids)
-
-
-@dataclass(slots=True)
-class GenStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_s: float = 0.0     # time to first token
-    decode_s: float = 0.0      # the decode steps after the first token (graph capture excluded)
-    decode_tokens: int = 0
-
-    @property
-    def decode_tok_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
-
-
-def make_policy(name: str, model, *, device, dtype, **opts) -> KVPolicy:
-    """The KV policy `name` for `model`; opts are the policy's own settings (alpha, budget, ...)."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy '{name}'; choose one of {', '.join(POLICIES)}")
-    cfg = model.config
-    common = dict(dtype=dtype, device=device, ops=model.ops)
-    if name == "infinigen":
-        from minigen.infinigen import InfiniGenKV
-        return InfiniGenKV(model, **common, **opts)
-    if name in ("h2o", "window"):
-        from minigen.baselines import H2OKV, WindowKV
-        return (H2OKV if name == "h2o" else WindowKV)(model, **common, **opts)
-    if name == "int4":
-        from minigen.int4 import Int4KV
-        return Int4KV(model, **common, **opts)
-    if name == "offload":
-        from minigen.offload import OffloadKV
-        if set(opts) - {"fetch"}:
-            raise ValueError(f"policy 'offload' takes only fetch=, got {', '.join(sorted(opts))}")
-        return OffloadKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, sm_scale=model.sm_scale, **common, **opts)
-    if opts:
-        raise ValueError(f"policy '{name}' takes no options, got {', '.join(sorted(opts))}")
-    return DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, sm_scale=model.sm_scale, **common)
+from minigen.sequence import GenStats, Sequence, accept_token
 
 
 class _DecodeGraph:
@@ -114,7 +55,8 @@ class Engine:
             raise ContextOverflowError(f"--max-seq-len {max_seq_len} exceeds the model's context of {ctx} tokens")
         self.capacity = max_seq_len or ctx
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
-        self.kv = make_policy(policy, model, device=self.device, dtype=self.dtype, **(policy_opts or {}))
+        self.kv = make_policy(policy, model.config, ops=model.ops, project_q=model.project_q, device=self.device,
+                              dtype=self.dtype, **(policy_opts or {}))
         self.use_graph = cuda_graph and self.device.type == "cuda" and self.kv.graph_safe
         self.kv.allocate(max_batch, self.capacity)
         self.free_slots = list(range(max_batch))
@@ -131,6 +73,10 @@ class Engine:
     def release(self, seq: Sequence) -> None:
         self.free_slots.append(seq.slot)
         self.free_slots.sort()
+
+    def release_all(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            self.release(s)
 
     def check_fits(self, num_tokens: int) -> None:
         if num_tokens + 1 > self.capacity:
@@ -309,7 +255,7 @@ class Engine:
             ids = next_tok.tolist()          # sync: sampled tokens to the host (stream + stop checks)
             if g is None:
                 st.prefill_s = time.perf_counter() - t0
-            yield [(s, self._accept(s, t, sp, eos)) for s, t in zip(seqs, ids) if not s.finished]
+            yield [(s, accept_token(s, t, sp, eos, self.capacity)) for s, t in zip(seqs, ids) if not s.finished]
             if all(s.finished for s in seqs):
                 break
             if g is None:
@@ -324,37 +270,3 @@ class Engine:
         st.new_tokens = sum(len(s.output_ids) for s in seqs)
         st.decode_tokens = max(0, st.new_tokens - len(seqs))   # the first token of each came from prefill
         st.decode_s = time.perf_counter() - t1 if g is not None else 0.0
-
-    def _accept(self, s: Sequence, tok: int, sp: SamplingParams, eos: set[int]) -> str:
-        """Append a sampled token; returns the text that can be shown now."""
-        if tok in eos:
-            s.finished, s.finish_reason = True, "eos"
-            s.held += s.decoder.flush()
-            return self._release_held(s)
-        s.output_ids.append(tok)
-        s.held += s.decoder.push(tok)
-        for stop in sp.stop:
-            at = s.held.find(stop)
-            if at >= 0:
-                s.held = s.held[:at]
-                s.finished, s.finish_reason = True, "stop"
-                return self._release_held(s)
-        # "context": the token would be fed at position num_cached, past the slot's end
-        reason = ("length" if len(s.output_ids) >= sp.max_new_tokens
-                  else "context" if s.num_cached >= self.capacity else None)
-        if reason:
-            s.finished, s.finish_reason = True, reason
-            s.held += s.decoder.flush()
-            return self._release_held(s)
-        # keep back the longest tail that could still grow into a stop string
-        keep = max((len(x) - 1 for x in sp.stop), default=0)
-        out = s.held[:len(s.held) - keep] if keep else s.held
-        s.held = s.held[len(out):]
-        s.text += out
-        return out
-
-    @staticmethod
-    def _release_held(s: Sequence) -> str:
-        out, s.held = s.held, ""
-        s.text += out
-        return out

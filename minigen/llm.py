@@ -11,42 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from minigen.device import resolve_device, resolve_dtype
 from minigen.engine import Engine
+from minigen.kv import POLICIES
+from minigen.load import load_model
 from minigen.sampler import SamplingParams
+from minigen.calibrate import load_skew_for
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 DEFAULT_MAX_SEQ_LEN = 8192   # default slot capacity when the model's context is longer
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device '{device}' is not supported; use cpu or cuda")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype '{dtype}' is not supported; use one of float32, bfloat16, float16")
-    return DTYPES[dtype]
-
-
-def load_model(model: str | None = None, *, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer) from a path (None: the embedded default)."""
-    from minigen.loader import load_checkpoint
-    from models import build_model
-    ckpt = load_checkpoint(model)
-    m = build_model(ckpt.config, ckpt.tensors(), device=device, dtype=dtype)
-    return m, ckpt.tokenizer
 
 
 @dataclass(slots=True)
@@ -60,7 +32,6 @@ class LLM:
     def __init__(self, model: str | None = None, *, policy: str = "dense", device: str | None = None,
                  dtype: str | torch.dtype | None = None, max_seq_len: int | None = None,
                  cuda_graph: bool = True, policy_opts: dict | None = None, skew: str | None = None):
-        from minigen.engine import POLICIES
         if policy not in POLICIES:   # say so before spending time on loading
             raise ValueError(f"unknown policy '{policy}'; choose one of {', '.join(POLICIES)}")
         self.device = resolve_device(device)
@@ -69,7 +40,6 @@ class LLM:
         self.policy, self.cuda_graph = policy, cuda_graph
         self.policy_opts = dict(policy_opts or {})
         if policy == "infinigen":   # the skew matrices: cached per model, computed on first use
-            from minigen.skew import load_skew_for
             self.policy_opts["skew"] = load_skew_for(self.model, self.tokenizer, model, skew)
         self.max_seq_len = max_seq_len or min(self.model.config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
         self.engine: Engine | None = None

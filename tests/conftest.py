@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import interpreting
+from minigen.kernels.launch import interpreting
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """ModelConfig: mapping from Hugging Face config.json and clear errors."""
 import pytest
 
-from minigen.config import ConfigError, ModelConfig
+from minigen.config import ModelConfig
+from minigen.errors import ConfigError
 from tests.helpers import tiny_llama_config, tiny_opt_config
 
 

@@ -2,25 +2,10 @@
 import pytest
 import torch
 
-from minigen.engine import Engine, Sequence
-from minigen.kv import ContextOverflowError
+from minigen.engine import Engine
+from minigen.errors import ContextOverflowError
 from minigen.sampler import SamplingParams
-from tests.helpers import IdTokenizer, minigen_from_hf, random_prompts, tiny_hf_model, tiny_llama_config
-
-
-class CharTokenizer:
-    """Token i decodes to one character; token 2 is EOS."""
-    eos_ids = [2]
-    bos_id = None
-
-    def stream_decoder(self):
-        class _D:
-            def push(self, t):
-                return chr(ord("a") + t % 26)
-
-            def flush(self):
-                return ""
-        return _D()
+from tests.helpers import CharTokenizer, IdTokenizer, minigen_from_hf, random_prompts, tiny_hf_model, tiny_llama_config
 
 
 @pytest.fixture(scope="module")
@@ -83,23 +68,6 @@ def test_streamed_text_equals_final_text(model):
         assert s.finish_reason in ("eos", "length")
 
 
-def test_accept_stop_strings_and_eos():
-    """Stop strings end the sequence and are cut from the text, even when split over tokens;
-    text that could start a stop string is held back until it cannot."""
-    eng = Engine.__new__(Engine)
-    eng.capacity = 1000
-    tok = CharTokenizer()
-    sp = SamplingParams(max_new_tokens=50, stop=["cde"])
-    s = Sequence(slot=0, pending=[], cached_ids=[0] * 10, decoder=tok.stream_decoder())
-    shown = [eng._accept(s, t, sp, {2}) for t in (0, 1, 2 + 26, 3, 4, 5)]  # a b c d e ...
-    assert shown == ["", "a", "b", "", "", ""][: len(shown)] or True
-    assert s.finished and s.finish_reason == "stop" and s.text == "ab"
-    assert "".join(shown) == "ab"
-    s2 = Sequence(slot=0, pending=[], cached_ids=[0] * 10, decoder=tok.stream_decoder())
-    out = [eng._accept(s2, t, SamplingParams(), {2}) for t in (0, 1, 2)]
-    assert out == ["a", "b", ""] and s2.finish_reason == "eos" and s2.output_ids == [0, 1]
-
-
 def test_decode_logits_match_full_forward(model):
     """Each decode step's logits equal a fresh prefill of the whole sequence so far."""
     from tests.helpers import hf_greedy  # noqa: F401  (same check as in test_llama, via logits)
@@ -115,3 +83,61 @@ def test_decode_logits_match_full_forward(model):
         last = ref.prefill([r])[0]
         assert int(last.argmax()) == s.output_ids[-1]
         ref.release(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched teacher forcing (what eval's decode-path scoring runs on)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    return minigen_from_hf(tiny_hf_model(tiny_llama_config(num_hidden_layers=4, num_key_value_heads=2)))
+
+
+PROMPTS = random_prompts(320, (9, 23, 4), seed=5)
+TARGETS = random_prompts(320, (12, 5, 1), seed=6)          # ragged: the shorter rows are padded
+
+
+def forced(model, policy, prompts, targets, **opts):
+    eng = Engine(model, IdTokenizer(), policy=policy, max_batch=len(prompts), max_seq_len=64, policy_opts=opts)
+    seqs = [eng.new_sequence(p) for p in prompts]
+    return eng.teacher_force(seqs, targets), eng, seqs
+
+
+@pytest.mark.parametrize("policy,opts", [("dense", {}), ("offload", {}), ("infinigen", dict(alpha=2.0, budget=0.5))])
+def test_batched_teacher_force_equals_per_sequence(tiny, policy, opts):
+    opts = dict(opts, dense_layers=1) if policy == "infinigen" else opts
+    got, eng, seqs = forced(tiny, policy, PROMPTS, TARGETS, **opts)
+    assert got.shape == (3, 12) and got.dtype == torch.float32
+    for b, (p, t) in enumerate(zip(PROMPTS, TARGETS)):
+        assert (got[b, len(t):] == 0).all()                   # padding adds nothing to a row's sum
+        assert seqs[b].cached_ids == p + t[:-1]
+        one, _, _ = forced(tiny, policy, [p], [t], **opts)
+        torch.testing.assert_close(got[b, : len(t)], one[0], atol=1e-5, rtol=0)
+    # the compatible form: one Sequence and one list -> (n,)
+    eng = Engine(tiny, IdTokenizer(), policy="dense", max_batch=1, max_seq_len=64)
+    single = eng.teacher_force(eng.new_sequence(PROMPTS[0]), TARGETS[0])
+    assert single.shape == (12,)
+
+
+def test_teacher_force_equals_prefill_logprobs(tiny):
+    got, _, _ = forced(tiny, "dense", PROMPTS, TARGETS)
+    eng = Engine(tiny, IdTokenizer(), policy="dense", max_batch=1, max_seq_len=64)
+    for b, (p, t) in enumerate(zip(PROMPTS, TARGETS)):
+        seq = eng.new_sequence(p + t)
+        logits = eng.prefill([seq], all_logits=True)[0]                       # (len, V)
+        eng.release(seq)
+        lp = torch.log_softmax(logits[len(p) - 1: -1], -1).gather(1, torch.tensor(t)[:, None])[:, 0]
+        torch.testing.assert_close(got[b, : len(t)], lp, atol=1e-5, rtol=0)
+
+
+def test_teacher_force_errors(tiny):
+    eng = Engine(tiny, IdTokenizer(), policy="dense", max_batch=2, max_seq_len=32)
+    a, b = eng.new_sequence([5] * 20), eng.new_sequence([6] * 4)
+    with pytest.raises(ValueError, match="one target list per sequence"):
+        eng.teacher_force([a, b], [[1, 2]])
+    with pytest.raises(ValueError, match="exceed"):
+        eng.teacher_force([a, b], [[7] * 13, [8]])
+    eng.teacher_force([a, b], [[7] * 12, [8]])           # 20 + 12 fits exactly; b pads at the slot end
+
+
+# ---- ppl --------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigen import skew as S
+import minigen.kv.skew as artifact
+from minigen import calibrate as S
 from minigen.engine import Engine
-from minigen.kv import DenseKV
+from minigen.kv.dense import DenseKV
 from tests.helpers import (IdTokenizer, assert_close, minigen_from_hf, random_prompts, tiny_hf_model,
                            tiny_llama_config, tiny_opt_config)
 
@@ -38,6 +39,26 @@ class IdTokenizer320:
         return [3 + b % 317 for b in text.encode()]
 
 
+# what a run-time policy does for Llama: the skew applied after RoPE
+def skew_q(skew, layer: int, q: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE q (N, H, D) -> q A per head (N, H, D); query head h uses its KV head's A[h // G]."""
+    if skew.folded:
+        return q
+    N, H, D = q.shape
+    Hkv = skew.num_kv_heads
+    A = skew.matrices[layer].to(device=q.device, dtype=q.dtype)       # (Hkv, D, D), no-op if there
+    q4 = q.view(N, Hkv, H // Hkv, D)                                  # (N, Hkv, G, D)
+    return torch.einsum("ngxd,gde->ngxe", q4, A).reshape(N, H, D)     # (N, H, D)
+
+
+def skew_k(skew, layer: int, k: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE k (N, Hkv, D) -> k A per KV head (N, Hkv, D)."""
+    if skew.folded:
+        return k
+    A = skew.matrices[layer].to(device=k.device, dtype=k.dtype)       # (Hkv, D, D)
+    return torch.einsum("ngd,gde->nge", k, A)                         # (N, Hkv, D)
+
+
 class Recorder(DenseKV):
     """Dense attention that keeps the q, k every layer hands to the policy; with a skew, applies
     skew_q/skew_k first (what a run-time policy does for Llama)."""
@@ -50,7 +71,7 @@ class Recorder(DenseKV):
 
     def attend(self, layer, q, k, v):
         if self.skew is not None:
-            q, k = S.skew_q(self.skew, layer, q), S.skew_k(self.skew, layer, k)
+            q, k = skew_q(self.skew, layer, q), skew_k(self.skew, layer, k)
         self.q.setdefault(layer, []).append(q.clone())
         self.k.setdefault(layer, []).append(k.clone())
         return super().attend(layer, q, k, v)
@@ -129,7 +150,7 @@ def test_llama_skew_preserves_qk(name):
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(11, H, D, generator=g), torch.randn(13, Hkv, D, generator=g)
     for l in range(cfg.num_layers):
-        qs, ks = S.skew_q(sk, l, q), S.skew_k(sk, l, k)
+        qs, ks = skew_q(sk, l, q), skew_k(sk, l, k)
         assert qs.shape == q.shape and ks.shape == k.shape
         # one A per KV head serves its G query heads: head h uses A[h // G]
         for h in range(H):
@@ -166,7 +187,7 @@ def test_opt_fold(name):
         assert_close(q1[l], torch.einsum("nhd,hde->nhe", q0[l], A), atol=1e-4, rtol=0, what=f"q layer {l}")
         assert_close(k1[l], torch.einsum("nhd,hde->nhe", k0[l], A), atol=1e-4, rtol=0, what=f"k layer {l}")
         x = torch.randn(3, *q0[l].shape[1:])
-        assert S.skew_q(sk, l, x) is x and S.skew_k(sk, l, x) is x    # folded: nothing at run time
+        assert skew_q(sk, l, x) is x and skew_k(sk, l, x) is x    # folded: nothing at run time
     with pytest.raises(ValueError, match="already folded"):
         S.fold_into_opt(folded, sk)
     with pytest.raises(ValueError, match="already has a skew folded"):
@@ -186,8 +207,8 @@ def test_fold_refuses_llama():
 def test_save_load_roundtrip(tmp_path):
     model = build("llama-gqa")
     sk = S.calibrate(model, CALIB_IDS[:40], progress=False, source="unit test ids")
-    S.save(sk, tmp_path / "sub" / "a.pt")
-    back = S.load(tmp_path / "sub" / "a.pt", model)
+    artifact.save(sk, tmp_path / "sub" / "a.pt")
+    back = artifact.load(tmp_path / "sub" / "a.pt", model.config)
     assert torch.equal(back.matrices, sk.matrices) and torch.equal(back.singular_values, sk.singular_values)
     for f in ("folded", "arch", "num_layers", "num_kv_heads", "head_dim", "calib_tokens", "source"):
         assert getattr(back, f) == getattr(sk, f), f
@@ -196,21 +217,21 @@ def test_save_load_roundtrip(tmp_path):
 
 def test_load_refuses_other_models(tmp_path):
     gqa = build("llama-gqa")
-    S.save(S.calibrate(gqa, CALIB_IDS[:20], progress=False), tmp_path / "gqa.pt")
+    artifact.save(S.calibrate(gqa, CALIB_IDS[:20], progress=False), tmp_path / "gqa.pt")
     with pytest.raises(ValueError, match=r"num_kv_heads=2, this model has num_kv_heads=4; recompute"):
-        S.load(tmp_path / "gqa.pt", build("llama-mha"))
+        artifact.load(tmp_path / "gqa.pt", build("llama-mha").config)
     mha = build("llama-mha")
-    S.save(S.calibrate(mha, CALIB_IDS[:20], progress=False), tmp_path / "mha.pt")
+    artifact.save(S.calibrate(mha, CALIB_IDS[:20], progress=False), tmp_path / "mha.pt")
     with pytest.raises(ValueError, match=r"arch=llama, this model has arch=opt"):
-        S.load(tmp_path / "mha.pt", build("opt"))
+        artifact.load(tmp_path / "mha.pt", build("opt").config)
     with pytest.raises(ValueError, match=r"num_layers=2, this model has num_layers=3"):
-        S.load(tmp_path / "gqa.pt", minigen_from_hf(tiny_hf_model(tiny_llama_config(num_hidden_layers=3))))
+        artifact.load(tmp_path / "gqa.pt", minigen_from_hf(tiny_hf_model(tiny_llama_config(num_hidden_layers=3))).config)
     (tmp_path / "bad.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="is not a valid skew artifact") as e:
-        S.load(tmp_path / "bad.pt", gqa)
+        artifact.load(tmp_path / "bad.pt", gqa.config)
     assert "\n" not in str(e.value)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        S.load(tmp_path / "none.pt", gqa)
+        artifact.load(tmp_path / "none.pt", gqa.config)
 
 
 def test_default_paths(tmp_path, monkeypatch):
@@ -242,7 +263,7 @@ def test_default_calibration_text(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny Llama GQA saved with save_pretrained plus a byte-level BPE tokenizer."""
-    from tests.test_loader import llama_config, save_model
+    from tests.helpers import llama_config, save_model
     transformers = pytest.importorskip("transformers")
     d = tmp_path_factory.mktemp("skew") / "tiny-llama"
     torch.manual_seed(0)
@@ -269,11 +290,11 @@ def test_load_or_calibrate_computes_once(hf_dir, tmp_path, monkeypatch, capsys):
     again = S.load_or_calibrate(model, tok, d, calib_file=calib, num_tokens=100)
     assert torch.equal(again.matrices, sk.matrices)
     # a mismatched artifact: at an explicit path it raises, at the default path it is recomputed
-    wrong = S.Skew(torch.eye(16).expand(2, 4, 16, 16).clone(), False, "llama", 2, 4, 16, 1, "x")
-    S.save(wrong, tmp_path / "wrong.pt")
+    wrong = artifact.Skew(torch.eye(16).expand(2, 4, 16, 16).clone(), False, "llama", 2, 4, 16, 1, "x")
+    artifact.save(wrong, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match="num_kv_heads=4, this model has num_kv_heads=2"):
         S.load_or_calibrate(model, tok, d, path=tmp_path / "wrong.pt")
-    S.save(wrong, art)
+    artifact.save(wrong, art)
     with pytest.raises(AssertionError, match="must not run"):
         S.load_or_calibrate(model, tok, d, calib_file=calib)
     assert "recomputing" in capsys.readouterr().err
@@ -293,7 +314,7 @@ def test_cli(hf_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"wrote {out}" in r.stdout and "of the query energy" in r.stdout
     model, _ = load_model(str(d), device=torch.device("cpu"), dtype=torch.float32)
-    sk = S.load(out, model)
+    sk = artifact.load(out, model.config)
     assert sk.calib_tokens == 120 and sk.source == "calib.txt"
 
     r = cli("--model", d, "--calib", tmp_path / "missing.txt", env_cache=tmp_path)
@@ -314,7 +335,7 @@ def test_load_skew_for(tmp_path, monkeypatch):
     assert calls == [255] and sk.folded and opt.skew_folded           # context 256 -> 255 tokens
     assert_close(run(opt, PROMPT)[0], run(plain, PROMPT)[0], atol=1e-4, rtol=0, what="folded OPT logits")
     llama = build("llama-gqa")
-    S.save(S.calibrate(build("llama-gqa"), CALIB_IDS[:20]), tmp_path / "l.pt")
+    artifact.save(S.calibrate(build("llama-gqa"), CALIB_IDS[:20]), tmp_path / "l.pt")
     sk = S.load_skew_for(llama, None, None, tmp_path / "l.pt")
     assert not sk.folded and not getattr(llama, "skew_folded", False)
     with pytest.raises(FileNotFoundError, match="does not exist"):

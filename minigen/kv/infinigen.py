@@ -1,0 +1,350 @@
+"""The `infinigen` policy: KV in pinned host memory, and per decode step only the tokens that the
+next layer will attend to are fetched (Lee et al., OSDI 2024).
+
+Per layer i >= dense_layers ("pooled" layers), per decode step:
+    speculate   at layer i-1 (pre_attention hook), on the speculation stream:
+                  q    = RoPE(norm_i(x_{i-1}) W_q^(i))                  (B, H, D)
+                         queries from the residual x_{i-1} entering layer i-1, through layer
+                         i's own input norm (its gain differs from layer i-1's: using layer
+                         i-1's normalized input instead costs accuracy, measured)
+                  s    = (q . skew[:, sel] / sqrt(D)) . pk_i            (B, H, T)  partial_qk kernel
+                         (the projection on the R kept skew columns happens inside the kernel)
+                  idx  = {t : max over the KV head's group of s - rowmax > -alpha}, at most
+                         ceil(budget * n) per (sequence, KV head)       select kernel
+                         plus the last min(recent, cap // 2) cached tokens, ranked first
+                         (always fetched, inside the cap; see DEFAULT_RECENT)
+    gather      on the gather stream, after layer i's speculation (so it overlaps layer i+1's):
+                  K,V  = pool_i[slot, idx]  straight from pinned memory gather_kv kernel
+    attend      at layer i, main waits on the gather stream's event, then attends over the
+                gathered rows plus the current token (sparse_attention kernel), writes the new
+                token's K/V to the pool (append_kv) and its partial key to pk_i.
+Layers < dense_layers keep their whole KV on the GPU (DenseKV): layer 0 has no earlier layer to
+speculate from and its attention is nearly dense.
+
+Skewing (minigen/kv/skew.py) makes a few columns of q and k carry most of q.k; `sel` picks R of them
+per (sequence, KV head) at prefill from the prompt's |q| + |k| column sums (over all of its
+prefill chunks). For OPT the skew is folded into W_q/W_k, so the columns are read off directly
+(identity here).
+
+GPU state per pooled layer: pk (S, Hkv, R, T) partial keys (token-minor: one contiguous run of
+tokens per column, the token stride padded to 16 elements), a_sel (S, Hkv, D, R) the skew's
+selected columns, col_score (S, Hkv, D) fp32 the prompt's column sums behind them, plus
+double-buffered idx/count/K/V for the gathered rows.
+
+Host-memory limit (cpu_kv_limit, paper section 5): the pool and pk then hold P < T rows per
+(layer, slot), indexed by row; minigen/kv/eviction.py says which rows a prompt keeps and which row
+each new token overwrites (RowEviction: counter and row_pos (Lp, S, P) on the GPU).
+
+Names: `layer` is a model layer, `j = layer - dense_layers` the pooled layer (the pool's index),
+`x` the residual stream entering a layer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minigen.config import ModelConfig
+from minigen.kernels.partial_qk import token_stride
+from minigen.kv.dense import DenseKV
+from minigen.kv.eviction import RowEviction, host_limit, pool_rows
+from minigen.kv.pool import PooledKV
+
+DEFAULT_ALPHA = {"llama": 5.0, "opt": 4.0}   # the artifact's thresholds
+# The last cached tokens always fetched (taking at most half the budget cap), which the paper's
+# selection does not do: speculation ranks the newest tokens poorly while the next layers attend
+# to them, so without them perplexity drifts several percent above dense at a 5% read (the fidelity
+# report in docs/results.md). 0 reproduces the paper; a --cpu-kv-limit pool (rows reused) runs
+# without it.
+DEFAULT_RECENT = 64
+
+
+def default_partial_ratio(head_dim: int) -> float:
+    """Skewed columns kept per head, as a fraction of D: the artifact's 0.2 for D >= 128 (25
+    columns for Llama-2/OPT), 0.5 for smaller heads: with D = 64 (the default model) 12 columns
+    score too coarsely to find the few tokens that passkey retrieval copies, 32 do (docs/design.md)."""
+    return 0.2 if head_dim >= 128 else 0.5
+
+
+class InfiniGenKV(PooledKV):
+    name = "infinigen"
+    graph_safe = True     # the decode step reads only device tensors: capturable, streams and all
+    # CUDA priority of the speculation and gather streams (lower = higher; 0 = the main stream's).
+    # Their kernels are on the step's critical path (layer i's gather waits on its speculation,
+    # layer i's attention on the gather) while main's are not when the transfer is the longer part:
+    # at high priority the block scheduler places their few programs first as SMs free up.
+    side_priority = -1
+
+    def __init__(self, cfg: ModelConfig, *, project_q, dtype, device, ops, alpha: float | None = None,
+                 budget: float = 0.2, partial_ratio: float | None = None, dense_layers: int = 2,
+                 recent: int | None = None, skew=None, cpu_kv_limit: int | float | str | None = None,
+                 evict: str | None = None, evict_window: int = 64):
+        """project_q(layer, x, positions) -> that layer's post-RoPE queries (N, H, D) for the
+        residual stream x (N, C): the model's, handed in by the engine (speculation needs it)."""
+        super().__init__(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device,
+                         ops=ops, sm_scale=cfg.sm_scale)
+        if not 1 <= dense_layers < cfg.num_layers:
+            raise ValueError(f"--dense-layers must be in [1, {cfg.num_layers - 1}] (layer 0 has nothing to "
+                             f"speculate from), got {dense_layers}")
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"--budget must be in (0, 1], got {budget}")
+        if partial_ratio is None:
+            partial_ratio = default_partial_ratio(cfg.head_dim)
+        if not 0.0 < partial_ratio <= 1.0:
+            raise ValueError(f"--partial-ratio must be in (0, 1], got {partial_ratio}")
+        self.alpha = DEFAULT_ALPHA[cfg.arch] if alpha is None else alpha
+        if not self.alpha > 0:
+            raise ValueError(f"--alpha must be > 0, got {self.alpha}")
+        self.budget, self.dense_layers = budget, dense_layers
+        if recent is not None and (isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent < 2**23):
+            raise ValueError(f"--recent must be an int in [0, 2^23) (cached tokens always fetched), got {recent!r}")
+        self.cpu_kv_limit, self.evict, self.evict_window = host_limit(cpu_kv_limit, evict, evict_window, recent)
+        if recent is None:
+            recent = 0 if self.cpu_kv_limit is not None else DEFAULT_RECENT
+        self.recent = recent
+        self.evictor: RowEviction | None = None   # set by allocate: a limit below the slot capacity
+        self.R = max(1, int(cfg.head_dim * partial_ratio))
+        self.group = cfg.group_size
+        self.project_q = project_q
+        self.pool_layers = cfg.num_layers - dense_layers
+        self.dense = DenseKV(dense_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device,
+                             ops=ops, sm_scale=cfg.sm_scale)
+        D, Hkv = cfg.head_dim, cfg.num_kv_heads
+        if skew is None or skew.folded:   # OPT folded (or no skew): columns read off directly
+            eye = torch.eye(D, dtype=torch.float32, device=self.device)
+            self.skew = eye.expand(cfg.num_layers, Hkv, D, D)
+        else:
+            self.skew = skew.matrices.to(self.device, torch.float32)        # (L, Hkv, D, D)
+        self._num_fetched = torch.zeros((), dtype=torch.int64, device=self.device)     # rows gathered
+        self._num_candidates = torch.zeros((), dtype=torch.int64, device=self.device)  # rows cached
+        self._x_keep: dict[int, torch.Tensor] = {}
+        self._undo: list | None = None   # during the engine's warm-up steps: what they overwrote
+
+    # -- allocation -----------------------------------------------------------------------------
+    def allocate(self, num_slots: int, max_seq_len: int) -> None:
+        self.dense.allocate(num_slots, max_seq_len)
+        P = self._pool_rows(num_slots, max_seq_len)
+        self.rows = P
+        self.whole_prompt_over = P if P < max_seq_len else None
+        self._alloc_pool(num_slots, P)
+        self._capacity = max_seq_len       # tokens a sequence may reach (the pool keeps P of them)
+        Lp, S, Hkv, D, R, dev = self.pool_layers, num_slots, self.num_kv_heads, self.head_dim, self.R, self.device
+        # partial key cache, by row, token-minor; a token stride of a multiple of 16 elements keeps
+        # every column's run 16-byte aligned for partial_qk's vector loads
+        self.pk = self._gpu((Lp, S, Hkv, R, token_stride(P)))[..., :P]
+        self.a_sel = self._gpu((Lp, S, Hkv, D, R))                             # skew columns in use
+        # each sequence's column scores summed over its prompt so far (the choice behind a_sel)
+        self.col_score = torch.zeros((Lp, S, Hkv, D), dtype=torch.float32, device=dev)
+        self.max_select = max(1, min(P, math.ceil(self.budget * P)))
+        if P < max_seq_len:   # rows are reused: counters and positions per row
+            self.evictor = RowEviction(Lp, S, P, capacity=max_seq_len, window=self.evict_window,
+                                       rule=self.evict, device=dev)
+        self.sel_k = self._gpu((2, S, Hkv, self.max_select, D))               # gathered rows, by parity
+        self.sel_v = self._gpu((2, S, Hkv, self.max_select, D))
+        self.idx = torch.zeros((2, S, Hkv, self.max_select), dtype=torch.int32, device=dev)
+        self.count = torch.zeros((2, S, Hkv), dtype=torch.int32, device=dev)
+        if self.is_cuda:
+            self.side = torch.cuda.Stream(self.device, priority=self.side_priority)            # speculation
+            self.gather_stream = torch.cuda.Stream(self.device, priority=self.side_priority)   # PCIe gathers
+            self.spec_done = [torch.cuda.Event() for _ in range(self.num_layers)]
+            self.x_ready = [torch.cuda.Event() for _ in range(self.num_layers)]
+            self.ready = [torch.cuda.Event() for _ in range(self.num_layers)]
+
+    @property
+    def limited(self) -> bool:
+        """The host pool holds fewer rows than the slot capacity (rows are reused)."""
+        return self.evictor is not None
+
+    def _pool_rows(self, num_slots: int, max_seq_len: int) -> int:
+        """Rows P per (pooled layer, slot) under cpu_kv_limit (max_seq_len without one)."""
+        # bytes of one token of one slot: K and V over the pooled layers
+        row = 2 * self.pool_layers * self.num_kv_heads * self.head_dim * (torch.finfo(self.dtype).bits // 8)
+        return pool_rows(self.cpu_kv_limit, max_seq_len=max_seq_len, num_slots=num_slots, row_bytes=row,
+                         evict_window=self.evict_window)
+
+    def begin(self, meta) -> None:
+        super().begin(meta)
+        self.dense.begin(meta)
+        if meta.is_prefill:
+            if self.evictor:
+                self.evictor.plan_prefill(meta)
+            return
+        # the same for every pooled layer of this step: built (and counted) once, not per layer
+        self._n_valid = torch.clamp(meta.seq_lens - 1, max=self.rows)            # cached rows, all live
+        self._num_candidates += self._n_valid.sum() * (self.num_kv_heads * self.pool_layers)
+
+    # -- speculation: runs at layer i-1 for layer i ----------------------------------------------
+    def pre_attention(self, layer: int, x: torch.Tensor) -> None:
+        """Speculate layer+1 from the residual x entering this layer, then gather its rows.
+        Two side streams, so that layer i's gather (PCIe-bound) overlaps layer i+1's speculation
+        (compute): main -> spec stream (h_ready) -> gather stream (spec_done) -> main (ready)."""
+        nxt = layer + 1
+        if self.meta.is_prefill or nxt < self.dense_layers or nxt >= self.num_layers:
+            return
+        if not self.is_cuda:
+            self._speculate(nxt, x)
+            self._gather(nxt)
+            return
+        main = torch.cuda.current_stream(self.device)
+        self.x_ready[nxt].record(main)            # spec waits: x and the previous step's writes
+        self.side.wait_event(self.x_ready[nxt])
+        # x was allocated on main: hold a reference so its memory cannot be reused while the side
+        # stream reads it (works under CUDA-graph capture too, where record_stream does not)
+        self._x_keep[nxt] = x
+        with torch.cuda.stream(self.side):
+            self._speculate(nxt, x)
+        self.spec_done[nxt].record(self.side)     # gather waits: idx/count of layer nxt written
+        self.gather_stream.wait_event(self.spec_done[nxt])
+        with torch.cuda.stream(self.gather_stream):
+            self._gather(nxt)
+        self.ready[nxt].record(self.gather_stream)   # main waits on it in attend(nxt)
+
+    def _speculate(self, layer: int, x: torch.Tensor) -> None:
+        meta, ops, j, buf = self.meta, self.ops, layer - self.dense_layers, layer % 2
+        B, G = x.shape[0], self.group
+        q = self.project_q(layer, x, meta.positions)                           # (B, H, D) post-RoPE
+        n_valid = self._n_valid                                                # (B,) from begin
+        # projected on the kept skew columns and scaled like the real attention logits inside the
+        # kernel, so alpha is a gap in logit units (as in the paper)
+        scores = ops.partial_qk(q, self.a_sel[j], self.pk[j], n_valid, meta.slot_idx,
+                                self.sm_scale)                                 # (B, H, P) fp32
+        idx, count = ops.select(scores, n_valid, self.alpha, self.budget, G, self.max_select,
+                                out_idx=self.idx[buf, :B], out_count=self.count[buf, :B],
+                                total=self._num_fetched, recent=self.recent)   # counts rows fetched
+        if self.evictor:
+            self.evictor.count_selected(j, meta, idx, count)
+
+    def _gather(self, layer: int) -> None:
+        """The layer's selected K/V rows from the pinned pool into sel_k/sel_v[layer % 2]."""
+        meta, j, buf, B = self.meta, layer - self.dense_layers, layer % 2, self.meta.num_seqs
+        kp, vp = self.pool.heads(j)                                            # (S, Hkv, T, D) views
+        self.ops.gather_kv(kp, vp, self.idx[buf, :B], self.count[buf, :B], meta.slot_idx,
+                           out_k=self.sel_k[buf, :B], out_v=self.sel_v[buf, :B])
+
+    # -- attention ------------------------------------------------------------------------------
+    def attend(self, layer, q, k, v):
+        if layer < self.dense_layers:
+            return self.dense.attend(layer, q, k, v)
+        meta, j, buf = self.meta, layer - self.dense_layers, layer % 2
+        if meta.is_prefill:   # attention first: it stages each sequence's earlier keys on the GPU
+            out = self._prefill_attend_limited(j, q, k, v) if self.evictor else self.prefill_attend(j, q, k, v)
+            self._prefill_partial_keys(layer, q, k)
+            return out
+        B = q.shape[0]
+        if self.is_cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[layer])  # main waits: rows gathered
+        # the current token's partial key joins the partial cache for later steps
+        pk_cur = torch.einsum("bgd,bgdr->bgr", k, self.a_sel[j, meta.token_slot].to(k.dtype))  # (B, Hkv, R)
+        rows = self._decode_rows(j)                                            # (B,) int64
+        if self._undo is not None:   # a warm-up step on a limited pool: keep the rows it overwrites
+            self._undo.append(self._saved_rows(j, rows))
+        self.pk[j][meta.token_slot, :, :, rows] = pk_cur
+        out = self.ops.sparse_attention(q, self.sel_k[buf, :B], self.sel_v[buf, :B], self.count[buf, :B],
+                                        k, v, self.sm_scale)
+        self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], meta.token_slot, rows)
+        if self.evictor:
+            self.evictor.took_rows(j, meta, rows)
+        return out
+
+    def warmup(self, on: bool) -> None:
+        """The engine's warm-up steps before a CUDA-graph capture: on a full limited pool each
+        one overwrites a victim row per layer and sequence. Their rows (K/V from the pool, partial
+        keys) are saved as they are overwritten and written back afterwards, newest first, with
+        the counters and row positions: the warm-up leaves no trace, so the limited pool's step can
+        be captured. Every pool also puts back its fetch counters (the stats count real steps).
+        Device work only, on the engine's warm-up stream."""
+        if not on and self._undo:
+            for j, slot, rows, k, v, pk in reversed(self._undo):   # newest first: a row hit twice ends as it was
+                self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], slot, rows)
+                self.pk[j][slot, :, :, rows] = pk
+        self._undo = [] if on and self.evictor else None
+        super().warmup(on)                           # counters, row positions, fetch counts
+
+    def warm_state(self) -> tuple:
+        stats = (self._num_fetched, self._num_candidates)   # fetched_fraction counts real steps only
+        return stats + (self.evictor.warm_state() if self.evictor else ())
+
+    def _saved_rows(self, j: int, rows: torch.Tensor) -> tuple:
+        """Pool row `rows[b]` of each decoding sequence in pooled layer j as it is now: K, V
+        (B, Hkv, D) through gather_kv (one row per kv head) and the partial keys (B, Hkv, R)."""
+        meta, Hkv = self.meta, self.num_kv_heads
+        B = rows.shape[0]
+        idx = rows.to(torch.int32)[:, None, None].expand(B, Hkv, 1).contiguous()
+        one = torch.ones((B, Hkv), dtype=torch.int32, device=rows.device)
+        k, v = self.ops.gather_kv(*self.pool.heads(j), idx, one, meta.slot_idx)
+        return j, meta.token_slot.clone(), rows.clone(), k[:, :, 0], v[:, :, 0], self.pk[j][meta.token_slot, :, :, rows]
+
+    def _decode_rows(self, j: int) -> torch.Tensor:
+        """The pool row of each sequence's new token in pooled layer j (B,) int64, on the device:
+        its position while the slot has free rows, else the victim (minigen/kv/eviction.py)."""
+        if not self.evictor:
+            return self.meta.positions
+        return self.evictor.victim_rows(j, self.meta)
+
+    def _prefill_partial_keys(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Pick each sequence's R skewed columns per KV head from every prompt token it has
+        prefilled so far (column sums of |skewed q| + |skewed k|, accumulated over prefill chunks,
+        so the choice does not depend on how the engine packed prompts into chunks: a prompt whose
+        first chunk held a few tokens is not stuck with columns chosen from those) and write the
+        partial keys of the new tokens. A chunk that continues a sequence may change its columns,
+        so when it ends the prompt (meta.host_done; every chunk when not given), the partial keys
+        of the earlier tokens are rewritten to the final columns, from the prefill staging buffer
+        that prefill attention has just filled with their keys (no extra transfer; once per
+        prompt; their rows are their positions: a continued sequence fits in the pool). Decode
+        reads partial keys only after the prompt is complete. Runs after the prefill attention."""
+        meta, j, G = self.meta, layer - self.dense_layers, self.group
+        A = self.skew[layer]                                                   # (Hkv, D, D)
+        start, pks = 0, []
+        done = meta.host_done or [True] * len(meta.host_slots)
+        for b, (slot, n0, n) in enumerate(zip(meta.host_slots, meta.host_start, meta.host_new)):
+            qs = q[start:start + n].float().view(n, self.num_kv_heads, G, -1)  # (n, Hkv, G, D)
+            ks = k[start:start + n].float()                                    # (n, Hkv, D)
+            score = self._column_score(torch.einsum("ngjd,gde->ngje", qs, A),  # skewed q, k
+                                       torch.einsum("ngd,gde->nge", ks, A))    # (Hkv, D)
+            if n0 == 0:                                                        # a new sequence
+                self.col_score[j, slot] = score
+            else:
+                self.col_score[j, slot] += score
+            sel = self.col_score[j, slot].topk(self.R, dim=-1).indices.sort(-1).values   # (Hkv, R)
+            self.a_sel[j, slot] = torch.gather(A, 2, sel[:, None, :].expand(-1, A.shape[1], -1)).to(self.dtype)
+            a_sel = self.a_sel[j, slot].float()                                # (Hkv, D, R)
+            if n0 and done[b]:                                                 # earlier tokens, final columns
+                prefix = torch.einsum("ngd,gdr->ngr", self.prefill_k[b, :n0].float(), a_sel)
+                self.pk[j, slot, :, :, :n0] = prefix.permute(1, 2, 0).to(self.dtype)
+            pk = torch.einsum("ngd,gdr->ngr", ks, a_sel)                       # (n, Hkv, R)
+            if self.evictor:
+                pks.append(pk)
+            else:
+                self.pk[j, slot, :, :, n0:n0 + n] = pk.permute(1, 2, 0).to(self.dtype)
+            start += n
+        if self.evictor:   # the kept tokens' partial keys, by row
+            plan = self.evictor.plan
+            self.pk[j][plan["slot"], :, :, plan["row"]] = torch.cat(pks)[plan["tok"]].to(self.dtype)
+
+    @staticmethod
+    def _column_score(q_sk: torch.Tensor, k_sk: torch.Tensor) -> torch.Tensor:
+        """What a skewed column carries over a chunk: sum |q| + sum |k|, (Hkv, D); the R largest win."""
+        return q_sk.abs().sum((0, 2)) + k_sk.abs().sum(0)
+
+    def _prefill_attend_limited(self, j: int, q, k, v) -> torch.Tensor:
+        """PooledKV.prefill_attend for a limited pool: attention over every token of the prompt
+        (GPU staging of the full capacity), then only the planned tokens go to the pool rows.
+        A continued sequence fits in P rows (the plan checked it), so its rows are its positions."""
+        plan = self.evictor.plan
+        out = self.prefill_attention_from_pool(j, q, k, v)
+        self.ops.append_kv(k[plan["tok"]], v[plan["tok"]], self.pool.k[j], self.pool.v[j], plan["slot"], plan["row"])
+        self.evictor.prefill_rows(j, self.meta)
+        return out
+
+    def stats(self) -> dict:
+        total = int(self._num_candidates.item())   # sync: stats are read after a run, not in a step
+        fetched = int(self._num_fetched.item())    # sync: the same
+        return {"fetched_fraction": fetched / total if total else 0.0,
+                "host_pool_gib": self.pool.nbytes / 2**30 if self.pool else 0.0,
+                "host_kv_tokens": self.rows if self.pool else 0}
+
+    def close(self) -> None:
+        super().close()
+        self.dense.close()
+        self.pk = self.a_sel = self.col_score = self.sel_k = self.sel_v = None
+        self.evictor = None

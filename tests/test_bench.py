@@ -1,0 +1,93 @@
+"""The maintained benchmark scripts' own logic (bench/): task building and the fidelity report's
+labels. They run on the GPU machine; what is checked here needs no GPU."""
+import importlib.util
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from minigen.eval.choice import load_tasks
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+IMPORTS = {"fidelity": ("decode",), "report": ("decode",)}   # the bench modules a script imports by name
+
+
+@pytest.fixture
+def bench_module(monkeypatch):
+    """bench/<name>.py imported from its file (bench/ is scripts, not a package), after the bench
+    modules it imports by plain name; each goes into sys.modules for this test only."""
+    def load(name: str):
+        for dep in IMPORTS.get(name, ()):
+            load(dep)
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+        return module
+    return load
+
+
+def synthetic_essays(d: Path, n_essays=6, n_sents=80):
+    rng = random.Random(0)
+    words = "apple river stone cloud market engine garden letter window silver painter doctor".split()
+    for e in range(n_essays):
+        sents = [f"Essay {e} line {i} says the {' '.join(rng.choices(words, k=rng.randint(6, 14)))}."
+                 for i in range(n_sents)]
+        (d / f"e{e}.txt").write_text(" ".join(sents))
+
+
+def test_make_tasks_schema(tmp_path, bench_module):
+    make_tasks = bench_module("make_tasks")
+    synthetic_essays(tmp_path)
+    out1, out2 = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for out in (out1, out2):
+        assert make_tasks.main(["--essays", str(tmp_path), "--lengths", "600,1024", "--per-length", "3",
+                                "--out", str(out), "--seed", "3"]) == 0
+    assert out1.read_text() == out2.read_text()                        # deterministic
+    tasks = load_tasks(str(out1))
+    assert [t["length"] for t in tasks] == [600] * 3 + [1024] * 3
+    for t in tasks:
+        assert len(t["choices"]) == 4 and len(set(t["choices"])) == 4 and t["tokens"] <= t["length"]
+        quote = t["context"].rsplit('Quote: "', 1)[1].split('"')[0]
+        answer = t["choices"][t["label"]]
+        assert t["context"].endswith("Next sentence:") and answer.startswith(" ")
+        assert quote + answer in t["context"]                           # the answer follows the quote
+        # distractors never appear in the context: taken out of the passage, or from other essays
+        assert all(c.strip() not in t["context"] for i, c in enumerate(t["choices"]) if i != t["label"])
+        assert 0.15 <= t["depth"] <= 0.85 and t["removed"] == 3
+
+
+def test_fidelity_labels_parse_back(monkeypatch, bench_module):
+    fidelity = bench_module("fidelity")
+    for policy, opts in fidelity.CONFIGS + fidelity.TASK_CONFIGS:     # every label the report writes
+        text = fidelity.label(policy, opts)
+        assert fidelity.parse_label(text) == (policy, opts) and fidelity.label(*fidelity.parse_label(text)) == text
+    assert fidelity.parse_label("infinigen a=5 b=0.1 r=0.5 recent=64") == (
+        "infinigen", dict(alpha=5, budget=0.1, partial_ratio=0.5, recent=64))
+    assert fidelity.parse_label("  window b=1  sinks=0 ") == ("window", dict(budget=1, sinks=0))
+    text = "infinigen recent=0 cpu_kv_limit=0.8 evict=fifo"
+    assert fidelity.parse_label(text) == ("infinigen", dict(recent=0, cpu_kv_limit=0.8, evict="fifo"))
+    assert fidelity.label(*fidelity.parse_label(text)) == text
+    for bad in ("infinigen a=5 recnt=64", "h2o a=5", "dense b=0.1", "infini b=0.1", "infinigen b=x",
+                "infinigen b=0.1 b=0.2", "window budget", "infinigen a=nan", "infinigen a=-inf", "infinigen b=0",
+                "infinigen b=1.5", "infinigen b=-0.1", "infinigen recent=64.0", "infinigen recent=1e2",
+                "window sinks=4.5", "infinigen b=1_0", "infinigen a=+5", "infinigen r=inf", "infinigen evict=lru",
+                "infinigen evict=1", "h2o evict=fifo", "infinigen cpu_kv_limit=fifo", "infinigen evict=fifo"):
+        with pytest.raises(ValueError):
+            fidelity.parse_label(bad)
+    # --labels: distinct configurations in order; none, or one --policies leaves out, is an error
+    assert fidelity.parse_labels("dense, dense,infinigen a=5 b=0.1,infinigen b=0.1 a=5.0", None) == [
+        ("dense", {}), ("infinigen", dict(alpha=5, budget=0.1))]
+    for labels, policies in ((",", None), ("", None), ("h2o b=0.1", "infinigen")):
+        with pytest.raises(ValueError):
+            fidelity.parse_labels(labels, policies)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before --labels was checked")
+    import minigen.llm
+    monkeypatch.setattr(minigen.llm, "LLM", no_model)
+    for labels in ("dense,infinigen a=5 recnt=64", ",", "dense"):
+        policies = ["--policies", "infinigen"] if labels == "dense" else []
+        with pytest.raises(SystemExit, match="--labels"):
+            fidelity.main(["--labels", labels, "--parts", "ppl"] + policies)
