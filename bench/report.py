@@ -141,7 +141,8 @@ def write_report(rows: list[dict], out: Path) -> None:
         L += [f"| {r['policy']} | {fmt(r.get('decode_tok_s'), '.1f')} | {fmt(r.get('decode_ms_per_step'))} | "
               f"{fmt(r.get('fetched_fraction', 1.0), '.4f')} | {fmt(r.get('peak_gpu_gib'))} |" for r in sub]
         L.append("")
-    L += ["![tokens/s by context](perf_context.png)", "", "![tokens/s by batch](perf_batch.png)", ""]
+    L += [f"![tokens/s by {part}](perf_{part}.png)\n" for part in ("context", "batch")
+          if any(r.get("part") == part for r in rows)]
     (out / "perf.md").write_text("\n".join(L))
 
 
