@@ -2,7 +2,7 @@
 
 Parameter names follow Hugging Face's LlamaForCausalLM so checkpoints load by name.
 Tokens are packed: a forward over B sequences sees N tokens as one (N, C) tensor; the KV policy
-(minigen/kv.py) owns the cache and attention, this file owns only the math around it.
+(minigen/kv/) owns the cache and attention, this file owns only the math around it.
 """
 from __future__ import annotations
 
