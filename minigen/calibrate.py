@@ -237,7 +237,11 @@ def load_or_calibrate(model, tokenizer, model_path, *, calib_file=None, num_toke
     print(f"note: computing InfiniGen skew matrices for this model once ({len(ids)} tokens of "
           f"{source}) -> {art}", file=sys.stderr)
     skew = calibrate(model, ids, progress=True, source=source)
-    save(skew, art)
+    try:
+        save(skew, art)
+    except OSError as e:        # a read-only cache (or HOME): run with the matrices in memory
+        print(f"note: could not cache the skew matrices at {art} ({e.strerror or e}); using them without "
+              f"saving (set MINIGEN_CACHE to a writable directory to keep them)", file=sys.stderr)
     return skew
 
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from minigen.kv import POLICIES
+from minigen.kv import POLICIES, POLICY_OPTIONS, check_policy_opts
 from minigen.kv.eviction import EVICT_POLICIES, parse_cpu_kv_limit
 from minigen.kv.offload import FETCHES
 
@@ -44,21 +45,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skew", default=None, help="skew artifact (.pt) from `python -m minigen.skew` (default: cached per model, computed on first use)")
 
 
-# which command-line policy settings each policy takes
-POLICY_FLAGS = {
-    "dense": (), "offload": ("fetch",), "int4": ("fetch",),
-    "infinigen": ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "cpu_kv_limit", "evict"),
-    "h2o": ("budget", "dense_layers"),
-    "window": ("budget", "sinks", "dense_layers"),
-}
+# the policy settings that have a command-line flag, and which of them each policy takes
+FLAGS = ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "cpu_kv_limit", "evict", "sinks", "fetch",
+         "skew")
+POLICY_FLAGS = {p: tuple(o for o in opts if o in FLAGS) for p, opts in POLICY_OPTIONS.items()}
 
 
 def policy_opts(args) -> dict:
-    """The policy settings given on the command line (only those set), checked against --policy."""
-    names = ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "sinks", "evict", "fetch")
-    opts = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    if getattr(args, "cpu_kv_limit", None) is not None:
-        opts["cpu_kv_limit"] = parse_cpu_kv_limit(args.cpu_kv_limit)
+    """The policy settings given on the command line (only those set), checked against --policy and
+    their ranges, before anything is loaded. --skew is checked here but passed to LLM on its own."""
+    opts = {n: getattr(args, n) for n in FLAGS if getattr(args, n, None) is not None}
+    if "cpu_kv_limit" in opts:
+        opts["cpu_kv_limit"] = parse_cpu_kv_limit(opts["cpu_kv_limit"])
     wrong = [n for n in opts if n not in POLICY_FLAGS[args.policy]]
     if wrong:
         flags = ", ".join("--" + n.replace("_", "-") for n in wrong)
@@ -66,6 +64,11 @@ def policy_opts(args) -> dict:
         one = len(wrong) == 1
         raise ValueError(f"{flags} {'does' if one else 'do'} not apply to --policy {args.policy}"
                          + (f" ({'it applies' if one else 'they apply'} to: {', '.join(takes)})" if takes else ""))
+    skew = opts.pop("skew", None)
+    if skew is not None and not Path(skew).is_file():
+        raise FileNotFoundError(f"--skew {skew}: no such file; leave --skew out to use the cached matrices "
+                                f"(computed on first use) or make them with `python -m minigen.skew --out FILE`")
+    check_policy_opts(args.policy, opts)
     return opts
 
 

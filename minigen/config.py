@@ -39,6 +39,9 @@ class ModelConfig:
     # special tokens (the tokenizer may refine these)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # a sliding attention window (Mistral) the context was capped to, so attention over the whole
+    # context is exactly the model's windowed attention; None: no window
+    sliding_window: int | None = None
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHS:
@@ -77,20 +80,23 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
-        """Map a Hugging Face config.json dict onto ModelConfig."""
+        """Map a Hugging Face config.json dict onto ModelConfig. Fields that change the computation
+        and that minigen does not implement are refused (ConfigError), never ignored."""
+        _refuse_unimplemented(cfg)
         mt = cfg.get("model_type")
         archs = cfg.get("architectures") or []
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         try:
-            if mt in ("llama", "mistral") or any(a.startswith("Llama") for a in archs):
+            if mt in ("llama", "mistral") or any(a.startswith(("Llama", "Mistral")) for a in archs):
                 nh = cfg["num_attention_heads"]
+                ctx, window = _window(cfg, cfg.get("max_position_embeddings", 2048))
                 return cls(
                     arch="llama", vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
                     num_layers=cfg["num_hidden_layers"], num_heads=nh,
                     num_kv_heads=cfg.get("num_key_value_heads") or nh,
                     hidden_dim=cfg["intermediate_size"],
-                    max_seq_len=cfg.get("max_position_embeddings", 2048),
+                    max_seq_len=ctx, sliding_window=window,
                     head_dim=cfg.get("head_dim") or 0, norm_eps=cfg.get("rms_norm_eps", 1e-6),
                     rope_theta=cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0),
                     rope_scaling=_rope_scaling(cfg),
@@ -119,6 +125,39 @@ class ModelConfig:
         raise ConfigError(
             f"unsupported architecture '{mt}' ({', '.join(archs) or 'no architectures listed'}): "
             f"minigen runs {', '.join(SUPPORTED_ARCHS)} models")
+
+
+# config.json fields that change the math, minigen implements none of them: (field, what it is,
+# the value that means "off")
+_UNIMPLEMENTED = (
+    ("attn_logit_softcapping", "attention logit softcapping", None),
+    ("final_logit_softcapping", "final logit softcapping", None),
+    ("query_pre_attn_scalar", "a query scale other than head_dim^-0.5", None),
+    ("use_qk_norm", "q/k normalization", False),
+    ("qk_layernorm", "q/k normalization", False),
+    ("partial_rotary_factor", "partial rotary embeddings", 1.0),
+    ("embedding_multiplier", "a scaled embedding", 1.0),
+    ("residual_multiplier", "scaled residuals", 1.0),
+    ("logits_scaling", "scaled logits", 1.0),
+)
+
+
+def _refuse_unimplemented(cfg: dict) -> None:
+    for key, what, off in _UNIMPLEMENTED:
+        if cfg.get(key, off) not in (off, None):
+            raise ConfigError(f"config.json sets {key}={cfg[key]!r} ({what}), which minigen does not implement; "
+                              f"it would compute something else than this model")
+
+
+def _window(cfg: dict, ctx: int) -> tuple[int, int | None]:
+    """(context, window): a sliding attention window shorter than the context caps the context, where
+    full attention over every cached token is exactly the model's windowed attention."""
+    window = cfg.get("sliding_window")
+    if window is None or cfg.get("use_sliding_window") is False or window >= ctx:
+        return ctx, None
+    if not isinstance(window, int) or window < 2:
+        raise ConfigError(f"config.json has sliding_window={window!r}; expected an integer >= 2")
+    return window, window
 
 
 def _rope_scaling(cfg: dict) -> dict | None:

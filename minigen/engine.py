@@ -65,9 +65,9 @@ class Engine:
 
     # -- slots ----------------------------------------------------------------------------------
     def new_sequence(self, prompt_ids: list[int]) -> Sequence:
+        self.check_fits(len(prompt_ids))
         if not self.free_slots:
             raise RuntimeError(f"all {self.max_batch} sequence slots are in use; raise max_batch")
-        self.check_fits(len(prompt_ids))
         return Sequence(slot=self.free_slots.pop(0), pending=list(prompt_ids))
 
     def release(self, seq: Sequence) -> None:
@@ -129,8 +129,14 @@ class Engine:
                 host_slots=[s.slot for _, s, _ in part], host_start=[s.num_cached for _, s, _ in part],
                 host_new=[n for _, _, n in part], host_done=[n == len(s.pending) for _, s, n in part])
             logits_idx = None if all_logits else torch.tensor(cu[1:], device=dev) - 1
-            self.kv.begin(meta)
-            logits = self.model(torch.tensor(toks, device=dev), meta, self.kv, logits_idx)
+            saved = [(t, i, t[i].clone()) for t, i in self.kv.prefill_state(meta)]
+            try:
+                self.kv.begin(meta)
+                logits = self.model(torch.tensor(toks, device=dev), meta, self.kv, logits_idx)
+            except BaseException:      # interrupted: the policy's per-sequence state as it was
+                for t, i, old in saved:
+                    t[i] = old
+                raise
             for j, (i, s, n) in enumerate(part):
                 s.cached_ids += s.pending[:n]
                 del s.pending[:n]
@@ -199,11 +205,13 @@ class Engine:
 
     @torch.inference_mode()
     def teacher_force(self, seqs: list[Sequence] | Sequence, targets: list[list[int]] | list[int]) -> torch.Tensor:
-        """Prefill every sequence's pending tokens, then feed each one's `targets` one decode step at a
-        time, all B sequences in one batch (the policy sees every step, as in generation: one decode
-        graph of batch B serves the whole run). Returns the log-probability of every target, (B, n) on
-        the device, n the longest target list; a shorter list is padded with 0.0 so a row's sum is its
-        total. Its sequence keeps stepping on its last target meanwhile: junk K/V past its real end
+        """Score `targets` after each sequence's pending tokens, every target through the policy's
+        decode path: all pending tokens but the last are prefilled, then the last one and each
+        target but the last are fed one decode step at a time, all B sequences in one batch (one
+        decode graph of batch B serves the whole run), so the policy decides what every scored
+        token sees. Returns the log-probability of every target, (B, n) on the device, n the
+        longest target list; a shorter list is padded with 0.0 so a row's sum is its total. Its
+        sequence keeps stepping on its last target meanwhile: junk K/V past its real end
         (positions clamp inside the slot), never read, so release such sequences afterwards.
         One Sequence and one list -> (n,). No host sync: the caller reads the result once."""
         if isinstance(seqs, Sequence):
@@ -215,27 +223,29 @@ class Engine:
         if min(lens) < 1:
             raise ValueError("teacher_force: every sequence needs at least one target token")
         for s, m in zip(seqs, lens):
-            if not s.pending:   # the first target's log-prob comes from the last prefilled token
-                raise ValueError("teacher_force: every sequence needs pending tokens to prefill before its targets")
+            if not s.pending or s.num_cached + len(s.pending) < 2:
+                raise ValueError("teacher_force: every sequence needs at least two tokens before its targets, one "
+                                 "of them pending (prefilled, then one fed through the decode path)")
             if s.num_cached + len(s.pending) + m > self.capacity:
                 raise ContextOverflowError(f"{s.num_cached + len(s.pending) + m} tokens exceed the {self.capacity}-"
                                            f"token slot; lower --context or raise --max-seq-len")
         B, n, dev = len(seqs), max(lens), self.device
+        held = [s.pending.pop() for s in seqs]           # the last context token: the first decode step's
         padded = [list(t) + [t[-1]] * (n - len(t)) for t in targets]
         tgt = torch.tensor(padded, dtype=torch.int64).T.contiguous().to(dev)           # (n, B)
+        first = torch.tensor(held, dtype=torch.int64).to(dev)                          # (B,)
         valid = (torch.arange(n)[None, :] < torch.tensor(lens)[:, None]).to(dev)     # (B, n)
         out = torch.empty((n, B), dtype=torch.float32, device=dev)
-        logits = self.prefill(seqs)                                                   # (B, V)
-        g = self._decode_graph(seqs) if n > 1 else None
+        if any(s.pending for s in seqs):
+            self.prefill([s for s in seqs if s.pending])
+        g = self._decode_graph(seqs)
         for t in range(n):
-            # logits of step t predict target t; step t+1 is fed target t
-            out[t] = torch.log_softmax(logits.float(), -1).gather(1, tgt[t, :, None])[:, 0]
-            if t + 1 == n:
-                break
-            g.tokens.copy_(tgt[t])
+            # step t is fed the held token (t = 0) or target t - 1; its logits predict target t
+            g.tokens.copy_(first if t == 0 else tgt[t - 1])
             logits = self.decode_step(g)                                              # (B, V)
-        for s, tg in zip(seqs, targets):
-            s.cached_ids += tg[:-1]          # fed and cached: every target but the last
+            out[t] = torch.log_softmax(logits.float(), -1).gather(1, tgt[t, :, None])[:, 0]
+        for s, h, tg in zip(seqs, held, targets):
+            s.cached_ids += [h] + tg[:-1]    # fed and cached: the held token, every target but the last
         return out.T.masked_fill(~valid, 0.0)                                         # (B, n)
 
     # -- generation -----------------------------------------------------------------------------
@@ -249,24 +259,26 @@ class Engine:
             s.output_ids, s.text, s.held, s.finished, s.finish_reason = [], "", "", False, None
             s.decoder = self.tokenizer.stream_decoder()
         self.stats = st = GenStats(prompt_tokens=sum(len(s.pending) for s in seqs))
-        next_tok = sample_no_sync(self.prefill(seqs), sp, gen)
-        g = None
-        while True:
-            ids = next_tok.tolist()          # sync: sampled tokens to the host (stream + stop checks)
-            if g is None:
-                st.prefill_s = time.perf_counter() - t0
-            yield [(s, accept_token(s, t, sp, eos, self.capacity)) for s, t in zip(seqs, ids) if not s.finished]
-            if all(s.finished for s in seqs):
-                break
-            if g is None:
-                g = self._decode_graph(seqs)     # first decode: CUDA-graph capture, not timed
-                t1 = time.perf_counter()
-            g.tokens.copy_(next_tok)
-            logits = self.decode_step(g)
-            for s, t in zip(seqs, ids):
-                if not s.finished:
-                    s.cached_ids.append(t)
-            next_tok = sample_no_sync(logits, sp, gen)
-        st.new_tokens = sum(len(s.output_ids) for s in seqs)
-        st.decode_tokens = max(0, st.new_tokens - len(seqs))   # the first token of each came from prefill
-        st.decode_s = time.perf_counter() - t1 if g is not None else 0.0
+        g, t1 = None, None
+        try:
+            next_tok = sample_no_sync(self.prefill(seqs), sp, gen)
+            while True:
+                ids = next_tok.tolist()          # sync: sampled tokens to the host (stream + stop checks)
+                if g is None:
+                    st.prefill_s = time.perf_counter() - t0
+                yield [(s, accept_token(s, t, sp, eos, self.capacity)) for s, t in zip(seqs, ids) if not s.finished]
+                if all(s.finished for s in seqs):
+                    break
+                if g is None:
+                    g = self._decode_graph(seqs)     # first decode: CUDA-graph capture, not timed
+                    t1 = time.perf_counter()
+                g.tokens.copy_(next_tok)
+                logits = self.decode_step(g)
+                for s, t in zip(seqs, ids):
+                    if not s.finished:
+                        s.cached_ids.append(t)
+                next_tok = sample_no_sync(logits, sp, gen)
+        finally:   # also when stopped early (Ctrl-C, the caller closing the generator): what did run
+            st.new_tokens = sum(len(s.output_ids) for s in seqs)
+            st.decode_tokens = max(0, st.new_tokens - len(seqs))   # each one's first token came from prefill
+            st.decode_s = time.perf_counter() - t1 if t1 is not None else 0.0

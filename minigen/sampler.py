@@ -15,10 +15,20 @@ class SamplingParams:
     top_p: float = 1.0             # nucleus: keep the smallest set with mass >= top_p
     top_k: int = 0                 # 0 = off
     seed: int | None = None
-    stop: list[str] = field(default_factory=list)   # stop strings (not included in the output)
+    stop: list[str] = field(default_factory=list)   # stop strings (not included in the output); a str is one
     ignore_eos: bool = False
 
     def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        if any(not isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -48,7 +58,9 @@ def sample_no_sync(logits: torch.Tensor, sp: SamplingParams, generator: torch.Ge
     """logits (B, V) fp32 -> next tokens (B,) int64, on the same device."""
     if sp.is_greedy:
         return logits.argmax(dim=-1)
-    logits = logits / sp.temperature
+    # subtract the row's max before dividing: logits / T overflows to inf (then NaN) for tiny T,
+    # while (logits - max) / T only goes to -inf, so T -> 0 tends to greedy as it should
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / sp.temperature
     if sp.top_k > 0 and sp.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sp.top_k, dim=-1).values[:, -1:]                  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -38,9 +38,15 @@ def main(argv=None) -> int:
         raise ValueError(f"--tokens must be >= 2, got {args.tokens}")
     if args.calib is not None and not Path(args.calib).is_file():
         raise FileNotFoundError(f"--calib {args.calib}: no such file; pass a UTF-8 text file")
+    if args.chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give the artifact a file name, e.g. "
+                         f"{Path(args.out) / 'skew.pt'}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model_path = Path(args.model) if args.model else default_model_path()
+    out = Path(args.out) if args.out else default_skew_path(model_path)
     model, tokenizer = load_model(str(model_path), device=device, dtype=dtype)
     if args.calib is not None:
         text, source = Path(args.calib).read_text(encoding="utf-8", errors="replace"), Path(args.calib).name
@@ -53,8 +59,10 @@ def main(argv=None) -> int:
     if len(ids) < args.tokens:
         print(f"note: {source} gives {len(ids)} tokens, fewer than --tokens {args.tokens}", file=sys.stderr)
     skew = calibrate(model, ids, chunk=args.chunk, source=source)
-    out = Path(args.out) if args.out else default_skew_path(model_path)
-    save(skew, out)
+    try:
+        save(skew, out)
+    except OSError as e:
+        raise ValueError(f"could not write {out}: {e.strerror or e}") from None
     print(f"wrote {out}: {cfg.arch}, {skew.num_layers} layers x {skew.num_kv_heads} KV heads, D={skew.head_dim}, "
           f"{skew.calib_tokens} tokens of {source}; the first 20% of skewed columns hold "
           f"{100 * skew.energy_share(0.2):.1f}% of the query energy")

@@ -6,6 +6,18 @@ from minigen.kernels.launch import interpreting
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama (4 layers, GQA) saved as a Hugging Face directory with a byte-level BPE
+    tokenizer and a ChatML template: loads in a fraction of a second, for command-line tests."""
+    from transformers import LlamaForCausalLM
+
+    from tests.helpers import llama_config, save_model
+    d = tmp_path_factory.mktemp("tiny-llama")
+    save_model(LlamaForCausalLM(llama_config(max_position_embeddings=512, num_hidden_layers=4)), d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def default_llm():
     """The embedded default model (SmolLM2-135M, fp32, CPU), loaded once for every test using it."""
     from minigen import LLM

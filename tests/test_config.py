@@ -37,3 +37,37 @@ def test_invalid_shapes(kw, msg):
     base = dict(arch="llama", vocab_size=10, num_layers=1, hidden_dim=8, max_seq_len=16)
     with pytest.raises(ConfigError, match=msg):
         ModelConfig(**base, **kw)
+
+
+def test_sliding_window_caps_the_context_and_matches_transformers(capsys):
+    """Mistral's sliding window is not implemented: the context is capped at it (said on stderr),
+    where full attention is exactly the windowed one; a longer prompt is refused."""
+    import torch
+    from transformers import MistralConfig
+
+    from minigen.engine import Engine
+    from minigen.errors import ContextOverflowError
+    from tests.helpers import IdTokenizer, assert_close, minigen_from_hf, random_prompts, tiny_hf_model
+    hf = tiny_hf_model(MistralConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                     sliding_window=16, bos_token_id=1, eos_token_id=2))
+    model = minigen_from_hf(hf)
+    assert (model.config.max_seq_len, model.config.sliding_window) == (16, 16)
+    assert "sliding window of 16 tokens" in capsys.readouterr().err
+    eng = Engine(model, IdTokenizer())
+    prompt = random_prompts(320, (15,), seed=2)[0]
+    got = eng.prefill([eng.new_sequence(prompt)], all_logits=True)[0]
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0]
+    assert_close(got, want, atol=1e-4, rtol=0, what="mistral logits inside the window")
+    with pytest.raises(ContextOverflowError, match="context holds 16"):
+        eng.new_sequence(random_prompts(320, (20,), seed=3)[0])
+
+
+@pytest.mark.parametrize("field,value", [("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0),
+                                         ("use_qk_norm", True), ("partial_rotary_factor", 0.5),
+                                         ("query_pre_attn_scalar", 144)])
+def test_unimplemented_fields_refused(field, value):
+    cfg = {**tiny_llama_config().to_dict(), field: value}
+    with pytest.raises(ConfigError, match=f"sets {field}="):
+        ModelConfig.from_hf(cfg)

@@ -141,3 +141,69 @@ def test_teacher_force_errors(tiny):
 
 
 # ---- ppl --------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# an interrupted prefill leaves no trace
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy,opts", [("infinigen", dict(dense_layers=1, alpha=3.0, budget=0.5)),
+                                         ("h2o", dict(dense_layers=1, budget=0.5)), ("dense", {})])
+def test_interrupted_prefill_leaves_no_trace(tiny, policy, opts):
+    """A chat's second turn is interrupted in the middle of its prefill (Ctrl-C at layer 2), then
+    run again: the decode logits that follow equal those of an uninterrupted run, bit for bit."""
+    first, second = random_prompts(320, (21, 17), seed=11)
+
+    def run(interrupt: bool):
+        eng = Engine(tiny, IdTokenizer(), policy=policy, max_batch=1, max_seq_len=96, policy_opts=opts)
+        seq = eng.new_sequence(first)
+        for _ in eng.generate([seq], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)):
+            pass
+        seq.pending = list(second)
+        if interrupt:
+            real = eng.kv.attend
+
+            def attend(layer, q, k, v):
+                if layer == 2:
+                    raise KeyboardInterrupt
+                return real(layer, q, k, v)
+            eng.kv.attend = attend
+            with pytest.raises(KeyboardInterrupt):
+                eng.prefill([seq])
+            del eng.kv.attend
+            assert seq.pending == second           # nothing of the turn counted as cached
+        out = [eng.prefill([seq])]
+        with torch.inference_mode():
+            g = eng._decode_graph([seq])
+            for t in range(4):
+                g.tokens.copy_(torch.tensor([5 + t]))
+                out.append(eng.decode_step(g).clone())
+                seq.cached_ids.append(0)
+        return torch.stack(out)
+
+    assert torch.equal(run(True), run(False))
+
+
+def test_infinigen_scores_only_live_rows_on_the_cpu(tiny):
+    """The CPU path's speculation cost follows the context, not the slot capacity."""
+    eng = Engine(tiny, IdTokenizer(), policy="infinigen", max_batch=2, max_seq_len=256,
+                 policy_opts=dict(dense_layers=1))
+    widths, real = [], eng.kv.ops.partial_qk
+
+    def record(q, cols, pk, *a, **k):
+        widths.append(pk.shape[-1])
+        return real(q, cols, pk, *a, **k)
+    eng.kv.ops.partial_qk = record
+    seqs = [eng.new_sequence(p) for p in random_prompts(320, (12, 30), seed=2)]
+    for _ in eng.generate(seqs, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)):
+        pass
+    assert widths and max(widths) <= 33, widths
+
+
+def test_teacher_force_scores_the_first_target_through_the_policy(tiny):
+    """The first target's logits come from a decode step (the policy's), not from the prefill: a
+    one-token target fetches rows."""
+    eng = Engine(tiny, IdTokenizer(), policy="infinigen", max_batch=2, max_seq_len=64,
+                 policy_opts=dict(dense_layers=1, budget=0.5))
+    seqs = [eng.new_sequence(p) for p in random_prompts(320, (20, 9), seed=4)]
+    eng.teacher_force(seqs, [[7], [9]])
+    assert eng.kv.stats()["fetched_fraction"] > 0

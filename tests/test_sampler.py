@@ -65,3 +65,19 @@ def test_seed_reproducible_and_varies():
 def test_invalid_values(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kw)
+
+
+def test_tiny_temperature_is_greedy_without_nan():
+    """(logits - max) / T: T -> 0 tends to greedy; logits / T alone overflows to inf, then NaN."""
+    logits = torch.randn(6, 50) * 30
+    for t in (1e-40, 1e-30, 1e-8):
+        out = sample_no_sync(logits, SamplingParams(temperature=t, top_p=0.9), make_generator(0, torch.device("cpu")))
+        assert torch.equal(out, logits.argmax(-1)), t
+
+
+def test_stop_string_and_seed_values():
+    assert SamplingParams(stop="Paris").stop == ["Paris"]
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    for bad in (dict(stop=[1]), dict(seed=2**70), dict(seed=-3), dict(seed=1.5), dict(max_new_tokens=2.5)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)

@@ -341,3 +341,37 @@ def test_load_skew_for(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         S.load_skew_for(llama, None, None, tmp_path / "missing.pt")
 
+
+
+def test_unwritable_cache_warns_and_runs_in_memory(hf_dir, tmp_path, monkeypatch, capsys):
+    from minigen.load import load_model
+    d, calib = hf_dir
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MINIGEN_CACHE", str(blocker / "cache"))       # cannot be created
+    model, tok = load_model(str(d), device=torch.device("cpu"), dtype=torch.float32)
+    sk = S.load_or_calibrate(model, tok, d, calib_file=calib, num_tokens=60)
+    assert sk.calib_tokens == 60
+    err = capsys.readouterr().err
+    assert err.count("could not cache the skew matrices") == 1 and "MINIGEN_CACHE" in err
+
+
+def test_cli_out_directory_is_one_line_and_leaves_nothing(hf_dir, tmp_path):
+    d, calib = hf_dir
+    out = tmp_path / "outdir"
+    out.mkdir()
+    r = cli("--model", d, "--calib", calib, "--out", out, "--tokens", 50, "--device", "cpu", env_cache=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "is a directory" in lines[0], r.stderr
+    assert list(out.iterdir()) == [] and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_save_failure_leaves_no_temporary_file(tmp_path, monkeypatch):
+    sk = artifact.Skew(torch.eye(16).expand(2, 4, 16, 16).clone(), False, "llama", 2, 4, 16, 1, "x")
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(artifact.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        artifact.save(sk, tmp_path / "s.pt")
+    assert list(tmp_path.iterdir()) == []

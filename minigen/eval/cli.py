@@ -46,16 +46,31 @@ def meta(args, llm: LLM, t0: float) -> dict:
                 dtype=str(llm.dtype).split(".")[-1], seconds=round(time.perf_counter() - t0, 2))
 
 
+def ppl_mode(args) -> str:
+    """--mode, checked: decode by default for a non-dense policy (prefill attends densely, so it
+    cannot score a policy), and the flags of the other mode refused rather than ignored."""
+    mode = args.mode or ("prefill" if args.policy == "dense" else "decode")
+    if mode == "prefill" and args.policy != "dense":
+        raise ValueError(f"--mode prefill scores every token in prefill, where every policy attends densely: "
+                         f"use --mode decode (the default) to score --policy {args.policy}")
+    wrong = [f for f, v, m in (("--prefix", args.prefix, "decode"), ("--batch", args.batch, "decode"),
+                               ("--chunk", args.chunk, "prefill")) if v is not None and m != mode]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --mode {mode}")
+    return mode
+
+
 def cmd_ppl(args) -> int:
-    files = text_files(args.text)
-    if args.context < 2:
-        raise ValueError(f"--context must be >= 2, got {args.context}")
-    decode = args.mode == "decode"
+    if args.context < 3:
+        raise ValueError(f"--context must be >= 3, got {args.context}")
+    decode = ppl_mode(args) == "decode"
     prefix = args.context // 2 if args.prefix is None else args.prefix
-    if decode and not 1 <= prefix < args.context:
-        raise ValueError(f"--prefix must be in [1, --context - 1 = {args.context - 1}], got {prefix}")
-    if args.batch < 1 or args.chunk < 1 or args.chunk_report < 0:
+    if decode and not 2 <= prefix < args.context:
+        raise ValueError(f"--prefix must be in [2, --context - 1 = {args.context - 1}], got {prefix}")
+    batch, chunk = args.batch or 8, args.chunk or 1024
+    if batch < 1 or chunk < 1 or args.chunk_report < 0:
         raise ValueError("--batch and --chunk must be >= 1, --chunk-report >= 0")
+    files = text_files(args.text)
     t0 = time.perf_counter()
     llm = make_llm(args, args.max_seq_len or args.context + 1)
     docs, kept = [], []
@@ -76,15 +91,12 @@ def cmd_ppl(args) -> int:
     files = kept
     if decode:
         nlls = []
-        for i in range(0, len(docs), args.batch):
-            nlls += token_nll_decode(llm, docs[i: i + args.batch], prefix)
+        for i in range(0, len(docs), batch):
+            nlls += token_nll_decode(llm, docs[i: i + batch], prefix)
         res = nll_report(nlls, [prefix] * len(docs), args.chunk_report)
         res.update(mode="decode", prefix=prefix)
     else:
-        if args.policy != "dense":
-            print("note: --mode prefill scores every token in prefill, where all policies attend densely; "
-                  "use --mode decode to score through the policy", file=sys.stderr)
-        res = nll_report([token_nll(llm, d, args.chunk) for d in docs], [1] * len(docs), args.chunk_report)
+        res = nll_report([token_nll(llm, d, chunk) for d in docs], [1] * len(docs), args.chunk_report)
         res["mode"] = "prefill"
     for f, d, pt in zip(files, docs, res["per_text"]):
         pt.update(file=str(f), tokens=len(d))
@@ -168,12 +180,13 @@ def main(argv=None) -> int:
     pp.add_argument("--text", action="append", required=True,
                     help="UTF-8 text file, directory (its *.txt) or glob; repeatable")
     pp.add_argument("--context", type=int, default=2048, help="tokens of each text (N)")
-    pp.add_argument("--mode", choices=("prefill", "decode"), default="prefill",
-                    help="prefill: score all tokens in prefill chunks (fast, dense attention); decode: prefill "
-                         "--prefix tokens, then score the rest one decode step at a time through --policy")
-    pp.add_argument("--prefix", type=int, default=None, help="decode mode: tokens prefilled before scoring (default N/2)")
-    pp.add_argument("--batch", type=int, default=8, help="decode mode: texts scored together")
-    pp.add_argument("--chunk", type=int, default=1024, help="prefill mode: prefill chunk size")
+    pp.add_argument("--mode", choices=("prefill", "decode"), default=None,
+                    help="prefill: score all tokens in prefill chunks (fast, dense attention; dense's default); "
+                         "decode: the first --prefix tokens are context, every later token is scored one decode "
+                         "step at a time through --policy (the default for every other policy)")
+    pp.add_argument("--prefix", type=int, default=None, help="decode mode: tokens of context before scoring (default N/2)")
+    pp.add_argument("--batch", type=int, default=None, help="decode mode: texts scored together (default 8)")
+    pp.add_argument("--chunk", type=int, default=None, help="prefill mode: prefill chunk size (default 1024)")
     pp.add_argument("--chunk-report", type=int, default=512,
                     help="report perplexity per this many positions along the context (0: off)")
 

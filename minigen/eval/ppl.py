@@ -42,8 +42,8 @@ def token_nll_decode(llm: LLM, docs: list[list[int]], prefix: int) -> list[torch
     prefilled, each later token is fed one decode step at a time, so the KV policy decides what
     every scored token sees. One (len(doc) - prefix,) tensor per doc, on the device."""
     for d in docs:
-        if not 1 <= prefix < len(d):
-            raise ValueError(f"--prefix must be in [1, {len(d) - 1}] for a text of {len(d)} tokens, got {prefix}")
+        if not 2 <= prefix < len(d):
+            raise ValueError(f"--prefix must be in [2, {len(d) - 1}] for a text of {len(d)} tokens, got {prefix}")
     engine, seqs = llm.get_engine(len(docs)), []
     try:
         for d in docs:

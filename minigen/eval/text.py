@@ -31,7 +31,14 @@ def text_files(specs: list[str], flag: str = "--text") -> list[Path]:
 
 
 def read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
+    """The file as UTF-8 text; a file that is not UTF-8 is refused (scoring U+FFFD replacement
+    characters would be scoring something else), naming the first bad byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert it, "
+                         f"e.g. iconv -f latin1 -t utf-8") from None
 
 
 MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"

@@ -77,6 +77,13 @@ class KVPolicy:
     def stats(self) -> dict:
         return {}
 
+    def prefill_state(self, meta: StepMeta) -> list[tuple[torch.Tensor, tuple]]:
+        """What a prefill of meta's sequences changes in place besides the K/V at the new tokens'
+        positions, as (tensor, index) pairs: the engine copies them before the forward and writes
+        them back if it is interrupted (Ctrl-C, an error), so an interrupted chunk leaves no trace.
+        K/V past a sequence's cached length need no copy: they are overwritten before being read."""
+        return []
+
     _warm_saved: list | None = None
 
     def warm_state(self) -> tuple:

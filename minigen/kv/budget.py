@@ -40,8 +40,6 @@ class BudgetKV(KVPolicy):
     graph_safe = True     # a decode step reads only device tensors (see the module docstring)
 
     def __init__(self, cfg: ModelConfig, *, dtype, device, ops, budget: float = 0.2, dense_layers: int = 2):
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
-            raise ValueError(f"--budget must be in (0, 1], got {budget!r}")
         if isinstance(dense_layers, bool) or not isinstance(dense_layers, int) \
                 or not 0 <= dense_layers < cfg.num_layers:
             raise ValueError(f"--dense-layers must be in [0, {cfg.num_layers - 1}] (at least one layer sparse), "

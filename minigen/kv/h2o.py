@@ -50,6 +50,12 @@ class H2OKV(BudgetKV):
         self.last_pos = torch.full((S,), -1, dtype=torch.int64, device=dev)   # last token processed
         self.heads = torch.arange(Hkv, device=dev)
 
+    def prefill_state(self, meta) -> list:
+        """Each prefilling sequence's accumulated attention, kept lists and last position."""
+        slots = meta.slot_idx.long()
+        return [(self.acc, (slice(None), slots)), (self.ring_idx, (slice(None), slots)),
+                (self.ring_acc, (slice(None), slots)), (self.last_pos, (slots,))]
+
     def begin(self, meta) -> None:
         self._slots = meta.slot_idx.long()
         if meta.is_prefill:

@@ -86,27 +86,18 @@ class InfiniGenKV(PooledKV):
         if not 1 <= dense_layers < cfg.num_layers:
             raise ValueError(f"--dense-layers must be in [1, {cfg.num_layers - 1}] (layer 0 has nothing to "
                              f"speculate from), got {dense_layers}")
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"--budget must be in (0, 1], got {budget}")
+        # the settings' own ranges: minigen.kv.check_policy_opts (make_policy runs it)
         if partial_ratio is None:
             partial_ratio = default_partial_ratio(cfg.head_dim)
-        if not 0.0 < partial_ratio <= 1.0:
-            raise ValueError(f"--partial-ratio must be in (0, 1], got {partial_ratio}")
         self.alpha = DEFAULT_ALPHA[cfg.arch] if alpha is None else alpha
-        if not self.alpha > 0:
-            raise ValueError(f"--alpha must be > 0, got {self.alpha}")
         self.budget, self.dense_layers = budget, dense_layers
-        if recent is not None and (isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent < 2**23):
-            raise ValueError(f"--recent must be an int in [0, 2^23) (cached tokens always fetched), got {recent!r}")
         self.cpu_kv_limit, self.evict, self.evict_window = host_limit(cpu_kv_limit, evict, evict_window, recent)
         if recent is None:
             recent = 0 if self.cpu_kv_limit is not None else DEFAULT_RECENT
         self.recent = recent
         self.evictor: RowEviction | None = None   # set by allocate: a limit below the slot capacity
         self.R = max(1, int(cfg.head_dim * partial_ratio))
-        self.group = cfg.group_size
-        self.project_q = project_q
-        self.pool_layers = cfg.num_layers - dense_layers
+        self.group, self.project_q, self.pool_layers = cfg.group_size, project_q, cfg.num_layers - dense_layers
         self.dense = DenseKV(dense_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device,
                              ops=ops, sm_scale=cfg.sm_scale)
         D, Hkv = cfg.head_dim, cfg.num_kv_heads
@@ -171,6 +162,8 @@ class InfiniGenKV(PooledKV):
             return
         # the same for every pooled layer of this step: built (and counted) once, not per layer
         self._n_valid = torch.clamp(meta.seq_lens - 1, max=self.rows)            # cached rows, all live
+        # rows scored: all on CUDA (fixed shapes for the graph), the live ones on the CPU (host lengths)
+        self._live = self.rows if self.is_cuda else max(1, min(self.rows, max(meta.host_start)))
         self._num_candidates += self._n_valid.sum() * (self.num_kv_heads * self.pool_layers)
 
     # -- speculation: runs at layer i-1 for layer i ----------------------------------------------
@@ -206,7 +199,7 @@ class InfiniGenKV(PooledKV):
         n_valid = self._n_valid                                                # (B,) from begin
         # projected on the kept skew columns and scaled like the real attention logits inside the
         # kernel, so alpha is a gap in logit units (as in the paper)
-        scores = ops.partial_qk(q, self.a_sel[j], self.pk[j], n_valid, meta.slot_idx,
+        scores = ops.partial_qk(q, self.a_sel[j], self.pk[j][..., :self._live], n_valid, meta.slot_idx,
                                 self.sm_scale)                                 # (B, H, P) fp32
         idx, count = ops.select(scores, n_valid, self.alpha, self.budget, G, self.max_select,
                                 out_idx=self.idx[buf, :B], out_count=self.count[buf, :B],
@@ -259,6 +252,13 @@ class InfiniGenKV(PooledKV):
                 self.pk[j][slot, :, :, rows] = pk
         self._undo = [] if on and self.evictor else None
         super().warmup(on)                           # counters, row positions, fetch counts
+
+    def prefill_state(self, meta) -> list:
+        """The column choice (scores summed over the prompt so far, the columns in use) and a
+        limited pool's row bookkeeping of the prefilling sequences."""
+        at = (slice(None), meta.slot_idx.long())                              # [:, slots]
+        rows = [(t, at) for t in self.evictor.warm_state()] if self.evictor else []
+        return [(self.col_score, at), (self.a_sel, at)] + rows
 
     def warm_state(self) -> tuple:
         stats = (self._num_fetched, self._num_candidates)   # fetched_fraction counts real steps only

@@ -56,9 +56,12 @@ class Skew:
 
 
 def save(skew: Skew, path: str | Path) -> None:
-    """Write the artifact atomically (tmp file + rename). `folded` describes a model instance, not
-    the file: a freshly loaded model is never folded, so it is not stored."""
+    """Write the artifact atomically (tmp file + rename; the tmp file is removed if that fails, and
+    OSError says why). `folded` describes a model instance, not the file: a freshly loaded model is
+    never folded, so it is not stored."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"'{path}' is a directory; give the skew artifact a file name, e.g. {path / 'skew.pt'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     sv = skew.singular_values
     blob = {"version": ARTIFACT_VERSION,
@@ -67,8 +70,11 @@ def save(skew: Skew, path: str | Path) -> None:
             "arch": skew.arch, "num_layers": skew.num_layers, "num_kv_heads": skew.num_kv_heads,
             "head_dim": skew.head_dim, "calib_tokens": skew.calib_tokens, "source": skew.source}
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load(path: str | Path, cfg: ModelConfig) -> Skew:

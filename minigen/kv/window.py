@@ -18,8 +18,6 @@ class WindowKV(BudgetKV):
 
     def __init__(self, cfg: ModelConfig, *, dtype, device, ops, budget: float = 0.2, sinks: int = 4,
                  dense_layers: int = 2):
-        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-            raise ValueError(f"--sinks must be an integer >= 0, got {sinks!r}")
         super().__init__(cfg, dtype=dtype, device=device, ops=ops, budget=budget, dense_layers=dense_layers)
         self.sinks = sinks
 

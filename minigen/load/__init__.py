@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -43,6 +44,15 @@ def default_model_path() -> Path:
 
 def load_checkpoint(path: str | Path | None) -> Checkpoint:
     """None -> the default model; a directory -> Hugging Face; a *.gguf file -> GGUF."""
+    ckpt = _load_checkpoint(path)
+    window = ckpt.config.sliding_window
+    if window is not None:
+        print(f"note: this model attends over a sliding window of {window} tokens, which minigen does not "
+              f"implement: its context is capped at the window, where full attention is exactly that", file=sys.stderr)
+    return ckpt
+
+
+def _load_checkpoint(path: str | Path | None) -> Checkpoint:
     p = default_model_path() if path is None else Path(path).expanduser()
     if not p.exists():
         raise LoadError(f"model path '{p}' does not exist: pass a Hugging Face model directory or a .gguf "

@@ -131,6 +131,9 @@ def _config_from_meta(meta: _Meta, tensors: dict, path: Path) -> ModelConfig:
     rot = meta.num("llama.rope.dimension_count", head_dim)
     if rot != head_dim:
         raise LoadError(f"partial rotary embedding (rope dims {rot} of head dim {head_dim}) is not supported")
+    ctx = meta.num("llama.context_length", 2048)
+    window = meta.num("llama.attention.sliding_window", 0)
+    window = window if 0 < window < ctx else None     # capped as for Hugging Face configs (config.py)
     rope_scaling = None
     kind = meta.get("llama.rope.scaling.type")
     if kind not in (None, "none"):
@@ -143,7 +146,7 @@ def _config_from_meta(meta: _Meta, tensors: dict, path: Path) -> ModelConfig:
         return ModelConfig(
             arch="llama", vocab_size=vocab, dim=dim, num_layers=meta.num("llama.block_count"),
             num_heads=nh, num_kv_heads=nkv, hidden_dim=meta.num("llama.feed_forward_length"),
-            max_seq_len=meta.num("llama.context_length", 2048), head_dim=head_dim,
+            max_seq_len=window or ctx, sliding_window=window, head_dim=head_dim,
             norm_eps=meta.num("llama.attention.layer_norm_rms_epsilon", 1e-5, float),
             rope_theta=meta.num("llama.rope.freq_base", 10000.0, float), rope_scaling=rope_scaling,
             tie_embeddings="output.weight" not in tensors,
@@ -193,10 +196,16 @@ def gguf_tokenizer(meta: _Meta, path: Path):
     tokens: list[str] = meta.req("tokenizer.ggml.tokens")
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in meta.req("tokenizer.ggml.merges")]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    bad = next((m for m in merges if len(m) != 2 or m[0] not in vocab or m[1] not in vocab
+                or m[0] + m[1] not in vocab), None)
+    if bad is not None:
+        raise LoadError(f"GGUF file '{path.name}' has a tokenizer merge {' '.join(bad)!r} whose tokens are not in "
+                        f"its vocabulary: the file is corrupt or was converted wrongly; re-convert it")
 
     pre = meta.get("tokenizer.ggml.pre")
     # Llama 3's BPE takes a pre-token that is itself in the vocab whole (llama.cpp does the same)
-    bpe = tokenizers.models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+    bpe = tokenizers.models.BPE(vocab=vocab, merges=merges,
                                 fuse_unk=False, byte_fallback=False, ignore_merges=pre in _LLAMA3)
     tk = tokenizers.Tokenizer(bpe)
     tk.pre_tokenizer = _pre_tokenizer(pre)

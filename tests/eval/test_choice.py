@@ -40,3 +40,19 @@ def test_load_tasks_errors(tmp_path):
 
 
 # ---- needle -----------------------------------------------------------------------------------
+
+
+def test_single_token_choices_are_scored_through_the_policy(tiny_dir, tmp_path, monkeypatch):
+    """Every choice token, the first included, comes from a decode step of the policy: with one-token
+    choices infinigen fetches rows (it used to score them from the dense prefill: fetched 0.0)."""
+    from minigen import LLM
+    monkeypatch.setenv("MINIGEN_CACHE", str(tmp_path))
+    llm = LLM(str(tiny_dir), policy="infinigen", device="cpu", max_seq_len=128,
+              policy_opts=dict(dense_layers=1, budget=0.3))
+    tasks = [{"context": "The quick brown fox jumps over the lazy dog. Hello world, hello",
+              "choices": ["!", "?", "."], "label": 0}] * 2
+    ctx = llm.tokenizer.encode(tasks[0]["context"])
+    assert all(len(continuation_ids(llm.tokenizer, tasks[0]["context"], ctx, c)) == 1 for c in tasks[0]["choices"])
+    res = run_choice(llm, tasks)
+    assert res["fetched_fraction"] > 0, res
+    llm.close()

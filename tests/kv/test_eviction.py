@@ -339,7 +339,7 @@ def test_recent_with_limit_is_refused(model):
 
 
 def test_offload_refuses_limit(model):
-    with pytest.raises(ValueError, match="takes only fetch="):
+    with pytest.raises(ValueError, match="policy 'offload' does not take cpu_kv_limit \\(it takes: fetch\\)"):
         Engine(model, IdTokenizer(), policy="offload", max_seq_len=T, policy_opts=dict(cpu_kv_limit=0.5))
 
 

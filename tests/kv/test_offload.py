@@ -109,7 +109,7 @@ def test_fetch_flag(model):
 
 
 def test_offload_takes_only_fetch(model):
-    with pytest.raises(ValueError, match="takes only fetch="):
+    with pytest.raises(ValueError, match="policy 'offload' does not take alpha \\(it takes: fetch\\)"):
         Engine(model, IdTokenizer(), policy="offload", max_seq_len=32, policy_opts=dict(alpha=1.0))
     with pytest.raises(ValueError, match="fetch must be one of copy, kernel"):
         Engine(model, IdTokenizer(), policy="offload", max_seq_len=32, policy_opts=dict(fetch="dma"))

@@ -196,7 +196,7 @@ MERGES = ["a b", "Ġ a"]
 
 
 def write_tiny_llama_gguf(path, hf_sd, cfg, qtype=None, arch="llama", tok_model="gpt2", extra_tensor=None,
-                          pre="smollm"):
+                          pre="smollm", merges=MERGES):
     """Write an HF Llama state dict the way llama.cpp's converter does: renamed, q/k rows permuted,
     optionally quantized (2-D weights only)."""
     from gguf import GGMLQuantizationType as Q
@@ -213,7 +213,7 @@ def write_tiny_llama_gguf(path, hf_sd, cfg, qtype=None, arch="llama", tok_model=
     w.add_tokenizer_pre(pre)
     w.add_token_list(TOKENS)
     w.add_token_types([3, 3, 3] + [1] * (len(TOKENS) - 3))
-    w.add_token_merges(MERGES)
+    w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
@@ -362,3 +362,11 @@ def test_llama3_pre_tokenizer(tmp_path, tiny_llama):
     tok = load_checkpoint(p).tokenizer
     assert tok.encode("ab ab a") == [TOKENS.index(t) for t in ("ab", "Ġ", "ab", "Ġa")]
     assert tok.decode(tok.encode("ab ab a")) == "ab ab a"
+
+
+def test_merges_outside_the_vocabulary_refused(tmp_path, tiny_llama):
+    cfg, sd = tiny_llama
+    p = tmp_path / "bad_merges.gguf"
+    write_tiny_llama_gguf(p, sd, cfg, merges=["a b", "q \u2603"])       # the snowman is not a token
+    with pytest.raises(LoadError, match="merge 'q \u2603' whose tokens are not in its vocabulary"):
+        load_checkpoint(p)

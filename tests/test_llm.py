@@ -1,0 +1,104 @@
+"""The Python API: every prompt is checked before a KV slot is taken, slots come back on every error
+path, and bad arguments are refused in one line before anything is loaded."""
+import pytest
+import torch
+
+from minigen import LLM
+from minigen.device import resolve_device
+from minigen.errors import ContextOverflowError
+
+
+@pytest.fixture
+def llm(default_llm):
+    yield default_llm
+    default_llm.close()          # the next user gets a fresh engine
+
+
+def free_slots(llm) -> list[int]:
+    return list(llm.engine.free_slots)
+
+
+def test_overlong_prompt_leaks_no_slot(llm):
+    long = "word " * 9000                          # past the 8192-token slot
+    with pytest.raises(ContextOverflowError, match="prompt 1"):
+        llm.generate(["Hello", long], max_new_tokens=2, temperature=0)
+    assert free_slots(llm) == list(range(llm.engine.max_batch))
+    out = llm.generate(["Hello", "Hi"], max_new_tokens=2, temperature=0)   # the same engine still works
+    assert len(out) == 2 and free_slots(llm) == list(range(llm.engine.max_batch))
+
+
+@pytest.mark.parametrize("prompts,msg", [
+    (["a", 5], "prompt 1 is a int"),
+    ([], "non-empty list"),
+    ("", "prompt 0 is empty"),
+    (None, "prompt string"),
+])
+def test_bad_prompts_are_refused_before_any_slot(llm, prompts, msg):
+    llm.get_engine(2)
+    with pytest.raises(ValueError, match=msg):
+        llm.generate(prompts, max_new_tokens=2)
+    assert free_slots(llm) == list(range(llm.engine.max_batch))
+
+
+def test_error_during_generation_gives_slots_back(llm, monkeypatch):
+    engine = llm.get_engine(2)
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(engine, "prefill", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        llm.generate(["a", "b"], max_new_tokens=2)
+    assert free_slots(llm) == list(range(llm.engine.max_batch))
+
+
+def test_stop_string_is_one_string(llm):
+    free = llm.generate("The capital of France is", max_new_tokens=12, temperature=0)[0]
+    assert "Paris" in free.text
+    stopped = llm.generate("The capital of France is", max_new_tokens=12, temperature=0, stop="Paris")[0]
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[:free.text.index("Paris")]
+
+
+def test_tiny_temperature_is_greedy_not_nan(llm):
+    greedy = llm.generate("The capital of France is", max_new_tokens=8, temperature=0)[0]
+    tiny = llm.generate("The capital of France is", max_new_tokens=8, temperature=1e-40, seed=1)[0]
+    assert tiny.token_ids == greedy.token_ids
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(seed=2**70), "seed must be"),
+    (dict(seed=-1), "seed must be"),
+    (dict(stop=[3]), "stop must be"),
+])
+def test_bad_sampling_values(llm, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        llm.generate("Hi", max_new_tokens=2, **kw)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(max_seq_len=0), "--max-seq-len must be an integer >= 2"),
+    (dict(max_seq_len=-5), "--max-seq-len must be an integer >= 2"),
+    (dict(device="foo"), "device 'foo' is not supported"),
+    (dict(policy="infinigen", policy_opts=dict(alpha=-1.0)), "--alpha must be > 0"),
+    (dict(policy="h2o", policy_opts=dict(alpha=3.0)), "does not take alpha"),
+    (dict(policy="window", policy_opts=dict(sinks=-2)), "--sinks must be an integer >= 0"),
+    (dict(policy="dense", skew="x.pt"), "applies to policy 'infinigen' only"),
+    (dict(policy="infinigen", skew="/nonexistent/skew.pt"), "does not exist"),
+])
+def test_bad_arguments_refused_before_loading(kw, msg):
+    """The model path does not exist: each error must come before any attempt to load it."""
+    with pytest.raises((ValueError, FileNotFoundError), match=msg):
+        LLM("/nonexistent/model", **kw)
+
+
+def test_model_dependent_settings_refused_before_the_skew(monkeypatch):
+    import minigen.llm
+    monkeypatch.setattr(minigen.llm, "load_skew_for", lambda *a, **k: pytest.fail("skew computed first"))
+    with pytest.raises(ValueError, match="--dense-layers must be in"):
+        LLM(policy="infinigen", device="cpu", policy_opts=dict(dense_layers=99))
+
+
+def test_resolve_device():
+    assert resolve_device("CPU") == torch.device("cpu") and resolve_device(" cpu ") == torch.device("cpu")
+    for bad in ("foo", "cpux", "tpu"):
+        with pytest.raises(ValueError, match="is not supported"):
+            resolve_device(bad)
