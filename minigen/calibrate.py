@@ -19,7 +19,6 @@ file; `load_or_calibrate` reuses it and `load_skew_for` is what LLM(policy="infi
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from minigen.engine import Engine
 from minigen.kv.dense import DenseKV
 from minigen.kv.skew import Skew, check_matches, load, save
 from minigen.load import default_model_path
+from minigen.load.pypi import cache_dir
 
 REPO_DATA_DIR = Path(__file__).resolve().parent.parent / "data"   # git-ignored, fetched by make
 
@@ -161,14 +161,6 @@ def fold_into_opt(model, skew: Skew) -> None:
 # ---------------------------------------------------------------------------------------------
 # The cache
 # ---------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    root = os.environ.get("MINIGEN_CACHE")
-    if root:
-        return Path(root).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "minigen"
-
-
 def default_skew_path(model_path: str | Path) -> Path:
     """<cache>/skew/<model stem>-<hash>.pt; the hash covers the resolved path and the size and
     mtime of the weights, so a re-downloaded or re-saved model gets a fresh artifact."""

@@ -15,7 +15,7 @@ SUPPORTED_ARCHS = ("llama", "opt")
 
 @dataclass(slots=True)
 class ModelConfig:
-    arch: str                      # "llama" | "opt"
+    arch: str                      # "llama" (Llama, Mistral, Qwen2) | "opt"
     vocab_size: int                # V
     dim: int                       # C
     num_layers: int
@@ -29,7 +29,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None   # HF rope_scaling dict; rope_type "llama3" supported
     tie_embeddings: bool = False
-    attn_bias: bool = False        # q/k/v biases (o_proj too for OPT)
+    qkv_bias: bool = False         # q/k/v projection biases (Qwen2, OPT)
+    o_bias: bool = False           # output projection bias (OPT)
     mlp_bias: bool = False
     # opt
     do_layer_norm_before: bool = True   # False: post-LN (opt-350m)
@@ -88,8 +89,9 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         try:
-            if mt in ("llama", "mistral") or any(a.startswith(("Llama", "Mistral")) for a in archs):
+            if mt in ("llama", "mistral", "qwen2") or any(a.startswith(("Llama", "Mistral", "Qwen2")) for a in archs):
                 nh = cfg["num_attention_heads"]
+                qwen2 = mt == "qwen2" or any(a.startswith("Qwen2") for a in archs)   # q/k/v biases, no o bias
                 ctx, window = _window(cfg, cfg.get("max_position_embeddings", 2048))
                 return cls(
                     arch="llama", vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
@@ -101,7 +103,8 @@ class ModelConfig:
                     rope_theta=cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0),
                     rope_scaling=_rope_scaling(cfg),
                     tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                    attn_bias=bool(cfg.get("attention_bias", False)),
+                    qkv_bias=qwen2 or bool(cfg.get("attention_bias", False)),
+                    o_bias=not qwen2 and bool(cfg.get("attention_bias", False)),
                     mlp_bias=bool(cfg.get("mlp_bias", False)),
                     activation=cfg.get("hidden_act", "silu"),
                     bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids)
@@ -111,7 +114,7 @@ class ModelConfig:
                     arch="opt", vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
                     num_layers=cfg["num_hidden_layers"], num_heads=nh, num_kv_heads=nh,
                     hidden_dim=cfg["ffn_dim"], max_seq_len=cfg.get("max_position_embeddings", 2048),
-                    norm_eps=1e-5, attn_bias=bool(cfg.get("enable_bias", True)),
+                    norm_eps=1e-5, qkv_bias=bool(cfg.get("enable_bias", True)), o_bias=bool(cfg.get("enable_bias", True)),
                     mlp_bias=bool(cfg.get("enable_bias", True)),
                     tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
                     do_layer_norm_before=bool(cfg.get("do_layer_norm_before", True)),

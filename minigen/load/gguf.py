@@ -1,10 +1,11 @@
-"""GGUF checkpoints (llama architecture): config and tokenizer from metadata, tensors dequantized
-to fp32 under their Hugging Face names.
+"""GGUF checkpoints (llama and qwen2 architectures): config and tokenizer from metadata, tensors
+dequantized to fp32 under their Hugging Face names.
 
-The pitfall this file exists to get right: llama.cpp's converter permutes the rows of attn_q and
-attn_k so that each head's (x[i], x[i + D/2]) rotate-half pairs become adjacent (x[2i], x[2i+1])
-interleaved pairs. minigen uses rotate-half RoPE, so `unpermute_rope_rows` restores the HF row
-order (Q with H heads, K with Hkv heads). Mixing the two runs without error and produces garbage.
+The pitfall this file exists to get right: for llama files, llama.cpp's converter permutes the rows
+of attn_q and attn_k so that each head's (x[i], x[i + D/2]) rotate-half pairs become adjacent
+(x[2i], x[2i+1]) interleaved pairs. minigen uses rotate-half RoPE, so `unpermute_rope_rows`
+restores the HF row order (Q with H heads, K with Hkv heads). Mixing the two runs without error and
+produces garbage. qwen2 files keep HF's order (their RoPE is rotate-half in llama.cpp too).
 """
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ import numpy as np
 import tokenizers
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, decoders
 from tokenizers import pre_tokenizers as pt
 
 from minigen.config import ModelConfig
 from minigen.errors import ConfigError, LoadError
+from minigen.load import dequant as torch_dequant
 from minigen.load.checkpoint import Checkpoint, progress_bar
+from minigen.load.gguf_file import GGUFFile
 from minigen.load.tokenizer import Tokenizer, set_bos_eos_processor
 
 GGUF_MAGIC = b"GGUF"
@@ -76,14 +78,11 @@ def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 class _Meta:
     """Typed access to GGUF key/values, with LoadError for missing required keys."""
 
-    def __init__(self, reader, path: Path):
+    def __init__(self, reader: GGUFFile, path: Path):
         self._fields, self._path = reader.fields, path
 
     def get(self, key: str, default=None):
-        f = self._fields.get(key)
-        if f is None or not f.types:
-            return default
-        return f.contents()
+        return self._fields.get(key, default)
 
     def req(self, key: str):
         v = self.get(key)
@@ -108,50 +107,54 @@ def _open_reader(path: Path):
         raise LoadError(f"'{path}' is not a GGUF file (magic {magic!r}, expected b'GGUF'): "
                         "pass a real .gguf file or a Hugging Face model directory")
     try:
-        return GGUFReader(str(path))
+        return GGUFFile(path)
     except Exception as e:  # truncated or malformed header
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LoadError(f"'{path}' is a corrupt GGUF file ({reason}); re-download it") from None
 
 
+ARCHS = ("llama", "qwen2")     # general.architecture values minigen reads (Qwen2 runs as Llama)
+
+
 def _config_from_meta(meta: _Meta, tensors: dict, path: Path) -> ModelConfig:
     arch = meta.req("general.architecture")
-    if arch != "llama":
-        raise LoadError(f"GGUF architecture '{arch}' is not supported: minigen reads llama GGUF files; "
-                        "for OPT or other models pass a Hugging Face directory")
-    if meta.get("llama.expert_count"):
-        raise LoadError("mixture-of-experts llama GGUF files are not supported; use a dense llama model")
+    if arch not in ARCHS:
+        raise LoadError(f"GGUF architecture '{arch}' is not supported: minigen reads {' and '.join(ARCHS)} GGUF "
+                        "files; for OPT or other models pass a Hugging Face directory")
+    k = arch + "."                                   # metadata keys are prefixed by the architecture
+    if meta.get(k + "expert_count"):
+        raise LoadError(f"mixture-of-experts {arch} GGUF files are not supported; use a dense model")
     if "rope_freqs.weight" in tensors:
         raise LoadError("this GGUF stores Llama-3.1 rope scaling as a rope_freqs tensor, which minigen does "
                         "not read; use the Hugging Face directory of the model")
-    dim = meta.num("llama.embedding_length")
-    nh = meta.num("llama.attention.head_count")
-    nkv = meta.num("llama.attention.head_count_kv", nh)
-    head_dim = meta.num("llama.attention.key_length", dim // nh)
-    rot = meta.num("llama.rope.dimension_count", head_dim)
+    dim = meta.num(k + "embedding_length")
+    nh = meta.num(k + "attention.head_count")
+    nkv = meta.num(k + "attention.head_count_kv", nh)
+    head_dim = meta.num(k + "attention.key_length", dim // nh)
+    rot = meta.num(k + "rope.dimension_count", head_dim)
     if rot != head_dim:
         raise LoadError(f"partial rotary embedding (rope dims {rot} of head dim {head_dim}) is not supported")
-    ctx = meta.num("llama.context_length", 2048)
-    window = meta.num("llama.attention.sliding_window", 0)
+    ctx = meta.num(k + "context_length", 2048)
+    window = meta.num(k + "attention.sliding_window", 0)
     window = window if 0 < window < ctx else None     # capped as for Hugging Face configs (config.py)
     rope_scaling = None
-    kind = meta.get("llama.rope.scaling.type")
+    kind = meta.get(k + "rope.scaling.type")
     if kind not in (None, "none"):
-        rope_scaling = {"rope_type": kind, "factor": meta.num("llama.rope.scaling.factor", 1.0, float)}
+        rope_scaling = {"rope_type": kind, "factor": meta.num(k + "rope.scaling.factor", 1.0, float)}
     emb = tensors.get("token_embd.weight")
     if emb is None:
         raise LoadError(f"GGUF file '{path.name}' has no token_embd.weight tensor; re-convert it")
     vocab = int(emb.shape[-1])          # GGUF shape is reversed: (C, V)
     try:
         return ModelConfig(
-            arch="llama", vocab_size=vocab, dim=dim, num_layers=meta.num("llama.block_count"),
-            num_heads=nh, num_kv_heads=nkv, hidden_dim=meta.num("llama.feed_forward_length"),
+            arch="llama", vocab_size=vocab, dim=dim, num_layers=meta.num(k + "block_count"),
+            num_heads=nh, num_kv_heads=nkv, hidden_dim=meta.num(k + "feed_forward_length"),
             max_seq_len=window or ctx, sliding_window=window, head_dim=head_dim,
-            norm_eps=meta.num("llama.attention.layer_norm_rms_epsilon", 1e-5, float),
-            rope_theta=meta.num("llama.rope.freq_base", 10000.0, float), rope_scaling=rope_scaling,
+            norm_eps=meta.num(k + "attention.layer_norm_rms_epsilon", 1e-5, float),
+            rope_theta=meta.num(k + "rope.freq_base", 10000.0, float), rope_scaling=rope_scaling,
             tie_embeddings="output.weight" not in tensors,
-            attn_bias="blk.0.attn_q.bias" in tensors, mlp_bias="blk.0.ffn_up.bias" in tensors,
-            activation="silu")
+            qkv_bias="blk.0.attn_q.bias" in tensors, o_bias="blk.0.attn_output.bias" in tensors,
+            mlp_bias="blk.0.ffn_up.bias" in tensors, activation="silu")
     except ConfigError as e:
         raise LoadError(f"GGUF file '{path.name}': {e}") from None
 
@@ -164,9 +167,13 @@ def _config_from_meta(meta: _Meta, tensors: dict, path: Path) -> ModelConfig:
 _DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
 _GPT2 = {"gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion"}
 _LLAMA3 = {"llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"}
-# Llama 3's split (tiktoken cl100k-style): digits in groups of up to 3
+_QWEN2 = {"qwen2", "deepseek-r1-qwen"}
+# Llama 3's split (tiktoken cl100k-style): digits in groups of up to 3; Qwen2's: every digit alone
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+# control tokens that end generation whatever the file names as eos (what llama.cpp treats as EOG)
+_END_TOKENS = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>"}
 
 
 def _pre_tokenizer(pre: str | None):
@@ -178,10 +185,11 @@ def _pre_tokenizer(pre: str | None):
         return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)])
     if pre in _GPT2:
         return pt.ByteLevel(add_prefix_space=False)
-    if pre in _LLAMA3:
-        return pt.Sequence([pt.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+    if pre in _LLAMA3 or pre in _QWEN2:
+        split = _LLAMA3_SPLIT if pre in _LLAMA3 else _QWEN2_SPLIT
+        return pt.Sequence([pt.Split(Regex(split), behavior="isolated"),
                             pt.ByteLevel(add_prefix_space=False, use_regex=False)])
-    raise LoadError(f"GGUF pre-tokenizer '{pre}' is not supported (supported: smollm, gpt-2, llama-bpe); "
+    raise LoadError(f"GGUF pre-tokenizer '{pre}' is not supported (supported: smollm, gpt-2, llama-bpe, qwen2); "
                     "use the model's Hugging Face directory")
 
 
@@ -225,6 +233,7 @@ def gguf_tokenizer(meta: _Meta, path: Path):
     eos_id, eos = tok_at("tokenizer.ggml.eos_token_id")
     eos_ids = [i for i in (eos_id, tok_at("tokenizer.ggml.eot_token_id")[0],
                            tok_at("tokenizer.ggml.eom_token_id")[0]) if i is not None]
+    eos_ids += [i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == TOKEN_CONTROL and t in _END_TOKENS]
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     set_bos_eos_processor(tk, bos, eos, add_bos, add_eos)
@@ -238,16 +247,21 @@ def gguf_tokenizer(meta: _Meta, path: Path):
 # tensors
 # ---------------------------------------------------------------------------------------------
 
-def _to_torch(t) -> torch.Tensor:
-    """One GGUF tensor -> torch in HF layout: (out, in) rows; F16/BF16 kept, quantized -> fp32."""
+def _to_torch(t, device: torch.device) -> torch.Tensor:
+    """One GGUF tensor -> torch in HF layout: (out, in) rows; F16/BF16 kept, quantized -> fp32. The
+    formats minigen/load/dequant.py knows are dequantized on `device` (fast on a GPU); the others
+    with the gguf package's numpy code on the host."""
     shape = tuple(int(x) for x in reversed(t.shape))     # GGUF lists ne0 (the fastest dim) first
+    if int(t.tensor_type) in torch_dequant.FORMATS:
+        raw = torch.from_numpy(np.array(t.data, copy=True).reshape(-1)).to(device)   # the bytes, once
+        return torch_dequant.dequantize(raw, int(t.tensor_type), shape)
     if t.tensor_type == Q.F16:
-        arr = np.array(t.data.view(np.float16))
+        arr = np.array(t.data).view(np.float16)          # a copy out of the read-only memory map
     elif t.tensor_type == Q.BF16:
-        raw = torch.from_numpy(np.array(t.data.view(np.uint16)).view(np.int16))
+        raw = torch.from_numpy(np.array(t.data).view(np.int16))
         return raw.view(torch.bfloat16).reshape(shape)
     elif t.tensor_type == Q.F32:
-        arr = np.array(t.data.view(np.float32))          # copy out of the read-only mmap
+        arr = np.array(t.data).view(np.float32)
     else:
         arr = dequantize(t.data, t.tensor_type)          # a fresh fp32 array
     return torch.from_numpy(arr).reshape(shape)
@@ -266,18 +280,20 @@ def load_gguf(path: Path) -> Checkpoint:
     for t in reader.tensors:
         hf = gguf_to_hf_name(t.name)
         if hf is None:
-            raise LoadError(f"GGUF tensor '{t.name}' is not part of a llama model minigen knows; "
+            raise LoadError(f"GGUF tensor '{t.name}' is not part of a {'/'.join(ARCHS)} model minigen knows; "
                             "use the model's Hugging Face directory")
         names.append((t.name, hf))
     nbytes = sum(int(t.n_bytes) for t in reader.tensors)
-    heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
+    # llama.cpp permutes q/k rows for interleaved RoPE in llama files only (qwen2 files keep HF's order)
+    heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads} if meta.get("general.architecture") == "llama" else {}
 
-    def open_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+    def open_tensors(device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        device = torch.device(device)
         with progress_bar(len(names), nbytes, f"loading {path.name}") as bar:
             for gname, hf in names:
                 t = by_name[gname]
                 try:
-                    w = _to_torch(t)
+                    w = _to_torch(t, device)
                 except (NotImplementedError, ValueError) as e:
                     raise LoadError(f"GGUF tensor '{gname}' ({t.tensor_type.name}) cannot be dequantized "
                                     f"({e}); use a Q4_0/Q4_1/Q5/Q8_0/K-quant/F16 file") from None

@@ -42,8 +42,8 @@ def load_hf_dir(d: Path) -> Checkpoint:
     names = list(shards)
     nbytes = sum(f.stat().st_size for f in set(shards.values()))
 
-    def open_tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        return _iter_safetensors(shards, nbytes, d.name)
+    def open_tensors(device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        return _iter_safetensors(shards, nbytes, d.name, torch.device(device))
 
     return Checkpoint(config=config, tokenizer=tokenizer, tensor_names=names, source="hf", path=d,
                       _open=open_tensors)
@@ -128,14 +128,15 @@ def _safetensors_keys(f: Path) -> list[str]:
                         "re-download or re-save it") from None
 
 
-def _iter_safetensors(shards: dict[str, Path], nbytes: int, desc: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(shards: dict[str, Path], nbytes: int, desc: str,
+                      device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     by_file: dict[Path, list[str]] = {}
     for hf, f in shards.items():
         by_file.setdefault(f, []).append(hf)
     with progress_bar(len(shards), nbytes, f"loading {desc}") as bar:
         for f, hf_names in by_file.items():
             try:
-                with safe_open(str(f), framework="pt") as sf:
+                with safe_open(str(f), framework="pt", device=str(device)) as sf:
                     stored = {normalize_name(k): k for k in sf.keys()}
                     for hf in hf_names:
                         t = sf.get_tensor(stored[hf])

@@ -1,4 +1,4 @@
-"""Llama family (Llama 1/2/3, SmolLM2, Mistral-style GQA), bottom-up in one file.
+"""Llama family (Llama 1/2/3, SmolLM2, Mistral-style GQA, Qwen2: q/k/v biases), bottom-up in one file.
 
 Parameter names follow Hugging Face's LlamaForCausalLM so checkpoints load by name.
 Tokens are packed: a forward over B sequences sees N tokens as one (N, C) tensor; the KV policy
@@ -53,10 +53,10 @@ class Attention(nn.Module):
         super().__init__()
         H, Hkv, D, C = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, D
-        self.q_proj = nn.Linear(C, H * D, bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(C, Hkv * D, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(C, Hkv * D, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(H * D, C, bias=cfg.attn_bias)
+        self.q_proj = nn.Linear(C, H * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, Hkv * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, Hkv * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=cfg.o_bias)
 
 
 class MLP(nn.Module):

@@ -27,9 +27,9 @@ class LayerNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        C, b = cfg.dim, cfg.attn_bias
+        C, b = cfg.dim, cfg.qkv_bias
         self.q_proj, self.k_proj = nn.Linear(C, C, bias=b), nn.Linear(C, C, bias=b)
-        self.v_proj, self.out_proj = nn.Linear(C, C, bias=b), nn.Linear(C, C, bias=b)
+        self.v_proj, self.out_proj = nn.Linear(C, C, bias=b), nn.Linear(C, C, bias=cfg.o_bias)
 
 
 class Block(nn.Module):

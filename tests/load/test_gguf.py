@@ -117,7 +117,7 @@ def test_smollm_config(smollm):
     assert (c.vocab_size, c.max_seq_len, c.rope_theta, c.rope_scaling) == (49152, 8192, 1e5, None)
     assert c.norm_eps == pytest.approx(1e-5)
     assert c.tie_embeddings and "lm_head.weight" not in smollm.tensor_names
-    assert c.bos_token_id == 1 and c.eos_token_ids == [2]
+    assert c.bos_token_id == 1 and c.eos_token_ids == [2, 0]      # <|im_end|>, then <|endoftext|>
     assert len(smollm.tensor_names) == 2 + 9 * 30
     assert smollm.tensor_names[0] == "model.embed_tokens.weight"
 
@@ -139,7 +139,6 @@ def hf_gguf_model(smollm_path):
     return model
 
 
-@pytest.mark.slow
 def test_smollm_tensors_equal_transformers_gguf(smollm, hf_gguf_model):
     """Every dequantized tensor equals transformers' (fp32, within 1e-6), q/k rows included; and
     q/k really were un-permuted (re-permuting them breaks the match)."""
@@ -160,7 +159,6 @@ def test_smollm_tensors_equal_transformers_gguf(smollm, hf_gguf_model):
     assert checked == len(smollm.tensor_names) == 272
 
 
-@pytest.mark.slow
 def test_smollm_logits_match_transformers_gguf(smollm, hf_gguf_model):
     """The whole default model through minigen (CPU, fp32) against transformers' GGUF model:
     logits of a chat prompt within 1e-3, then 16 greedy tokens identical."""
@@ -232,9 +230,9 @@ def write_tiny_llama_gguf(path, hf_sd, cfg, qtype=None, arch="llama", tok_model=
             stem, kind = rest.rsplit(".", 1)
             gname = f"blk.{layer}.{part[stem]}.{kind}"
         t = t.float()
-        if ".attn_q." in gname:
+        if ".attn_q." in gname and arch == "llama":      # llama.cpp permutes llama files only
             t = permute_rope_rows(t, cfg.num_attention_heads)
-        elif ".attn_k." in gname:
+        elif ".attn_k." in gname and arch == "llama":
             t = permute_rope_rows(t, cfg.num_key_value_heads)
         arr = t.numpy()
         if qtype is not None and arr.ndim == 2:
@@ -350,8 +348,8 @@ def test_rope_freqs_tensor_refused(tmp_path, tiny_llama):
 def test_unknown_pre_tokenizer_refused(tmp_path, tiny_llama):
     cfg, sd = tiny_llama
     p = tmp_path / "qwen.gguf"
-    write_tiny_llama_gguf(p, sd, cfg, pre="qwen2")
-    with pytest.raises(LoadError, match="GGUF pre-tokenizer 'qwen2' is not supported"):
+    write_tiny_llama_gguf(p, sd, cfg, pre="chatglm-bpe")
+    with pytest.raises(LoadError, match="GGUF pre-tokenizer 'chatglm-bpe' is not supported"):
         load_checkpoint(p)
 
 
@@ -370,3 +368,30 @@ def test_merges_outside_the_vocabulary_refused(tmp_path, tiny_llama):
     write_tiny_llama_gguf(p, sd, cfg, merges=["a b", "q \u2603"])       # the snowman is not a token
     with pytest.raises(LoadError, match="merge 'q \u2603' whose tokens are not in its vocabulary"):
         load_checkpoint(p)
+
+
+def test_tiny_qwen2_gguf(tmp_path):
+    """A qwen2 file: qwen2.* keys, q/k/v biases, no row permutation, digits split one by one, and every
+    end-of-generation control token stops generation."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    cfg = transformers.Qwen2Config(vocab_size=len(TOKENS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=False, rope_theta=1e6, use_sliding_window=False)
+    sd = {k: v.detach().clone() for k, v in transformers.Qwen2ForCausalLM(cfg).state_dict().items()}
+    path = tmp_path / "qwen2.gguf"
+    write_tiny_llama_gguf(path, sd, cfg, arch="qwen2", pre="qwen2")
+    ck = load_checkpoint(path)
+    c = ck.config
+    assert (c.arch, c.qkv_bias, c.o_bias, c.rope_theta, c.num_kv_heads) == ("llama", True, False, 1e6, 2)
+    assert sorted(ck.tensor_names) == sorted(sd)
+    for name, t in ck.tensors():
+        assert torch.equal(t, sd[name]), name                  # nothing permuted
+    assert ck.tokenizer.eos_ids == [2, 0]                      # <|im_end|> (eos), <|endoftext|> (control)
+
+
+def test_qwen2_splits_digits_one_by_one():
+    from minigen.load.gguf import _pre_tokenizer
+    pieces = [p for p, _ in _pre_tokenizer("qwen2").pre_tokenize_str("abc 12345")]
+    assert pieces == ["abc", "Ġ", "1", "2", "3", "4", "5"]
+    assert [p for p, _ in _pre_tokenizer("llama-bpe").pre_tokenize_str("12345")] == ["123", "45"]
