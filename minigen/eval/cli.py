@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,10 @@ def make_llm(args, max_seq_len: int | None) -> LLM:
 
 
 def meta(args, llm: LLM, t0: float) -> dict:
-    return dict(model=args.model or "default", policy=args.policy, device=str(llm.device),
+    # the policy's settings as given (a non-finite alpha as a string: JSON has no inf)
+    opts = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in llm.policy_opts.items() if k != "skew"}
+    return dict(model=args.model or "default", policy=args.policy, policy_opts=opts, device=str(llm.device),
                 dtype=str(llm.dtype).split(".")[-1], seconds=round(time.perf_counter() - t0, 2))
 
 

@@ -84,7 +84,7 @@ def test_project_q_of_the_hooked_residual_is_the_layers_query(arch):
 
 def test_default_partial_ratio_by_head_dim(smollm):
     from minigen.kv.infinigen import InfiniGenKV, default_partial_ratio
-    assert default_partial_ratio(128) == 0.2 and default_partial_ratio(64) == 0.5
+    assert default_partial_ratio(128) == 0.5 and default_partial_ratio(64) == 0.5
     model, _ = smollm
     kv = InfiniGenKV(model.config, project_q=model.project_q, dtype=model.lm_head.weight.dtype, device="cpu", ops=model.ops)
     assert kv.R == model.config.head_dim // 2 == 32
