@@ -33,7 +33,11 @@ class Completion:
 class LLM:
     def __init__(self, model: str | None = None, *, policy: str = "dense", device: str | None = None,
                  dtype: str | torch.dtype | None = None, max_seq_len: int | None = None,
-                 cuda_graph: bool = True, policy_opts: dict | None = None, skew: str | None = None):
+                 cuda_graph: bool = True, policy_opts: dict | None = None, skew: str | None = None,
+                 batch_invariant: bool = False):
+        """batch_invariant (CPU only): every sequence's numbers independent of the batch it runs in
+        (minigen/kernels/ops.py: linear_row_invariant), at some cost in CPU speed; the evaluations
+        turn it on, so their numbers do not depend on --batch."""
         # what can be checked without the model, before spending time on loading it
         self.policy_opts = dict(policy_opts or {})
         check_policy_opts(policy, self.policy_opts)
@@ -46,8 +50,13 @@ class LLM:
                                         or max_seq_len < 2):
             raise ValueError(f"--max-seq-len must be an integer >= 2 (a prompt token and a new one), got {max_seq_len!r}")
         self.device = resolve_device(device)
+        if batch_invariant and self.device.type != "cpu":
+            raise ValueError("batch_invariant is implemented on the CPU only: cuBLAS picks its kernels by shape "
+                             "and minigen has no batch-invariant GPU matmul")
+        self.batch_invariant = batch_invariant
         self.dtype = resolve_dtype(dtype, self.device)
         self.model, self.tokenizer = load_model(model, device=self.device, dtype=self.dtype)
+        self.model.ops.set_batch_invariant(batch_invariant)
         cfg = self.model.config
         if max_seq_len is not None and max_seq_len > cfg.max_seq_len:
             raise ContextOverflowError(f"--max-seq-len {max_seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")

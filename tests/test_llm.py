@@ -102,3 +102,24 @@ def test_resolve_device():
     for bad in ("foo", "cpux", "tpu"):
         with pytest.raises(ValueError, match="is not supported"):
             resolve_device(bad)
+
+
+def test_row_invariant_linear():
+    """Every row of linear_row_invariant is the same whatever the number of rows it comes with."""
+    from minigen.kernels.ops import MIN_GEMM_ROWS, linear_row_invariant
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 192)
+    x = torch.randn(40, 576)
+    with torch.no_grad():
+        full = linear_row_invariant(x, lin)
+        for n in range(1, MIN_GEMM_ROWS + 3):
+            assert torch.equal(linear_row_invariant(x[:n], lin), full[:n]), n
+        assert torch.allclose(full, lin(x), atol=1e-5)
+
+
+def test_batch_invariant_is_cpu_only():
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CPU only"):
+            LLM(device="cuda", batch_invariant=True)
+    llm = LLM(device="cpu", batch_invariant=True)
+    assert llm.model.ops.linear.__name__ == "linear_row_invariant"

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from minigen.cli import add_model_args, policy_opts
+from minigen.device import resolve_device
 from minigen.eval.choice import TASK_FORMAT, load_tasks, run_choice
 from minigen.eval.needle import run_needle
 from minigen.eval.ppl import nll_report, token_nll, token_nll_decode
@@ -42,8 +43,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def make_llm(args, max_seq_len: int | None) -> LLM:
     opts = policy_opts(args)
+    # on the CPU the scores do not depend on --batch (on a GPU cuBLAS's kernel choice makes them vary
+    # in the last bits, which a 4-bit quantizer or a near-tie in greedy decoding can amplify)
     return LLM(args.model, policy=args.policy, device=args.device, dtype=args.dtype,
-               max_seq_len=max_seq_len, policy_opts=opts, skew=args.skew)
+               max_seq_len=max_seq_len, policy_opts=opts, skew=args.skew,
+               batch_invariant=resolve_device(args.device).type == "cpu")
 
 
 def meta(args, llm: LLM, t0: float) -> dict:
@@ -51,6 +55,7 @@ def meta(args, llm: LLM, t0: float) -> dict:
     opts = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in llm.policy_opts.items() if k != "skew"}
     return dict(model=args.model or "default", policy=args.policy, policy_opts=opts, device=str(llm.device),
+                batch_invariant=llm.batch_invariant,
                 dtype=str(llm.dtype).split(".")[-1], seconds=round(time.perf_counter() - t0, 2))
 
 

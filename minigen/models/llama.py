@@ -116,20 +116,20 @@ class Llama(nn.Module):
             at = blk.self_attn
             kv.pre_attention(i, x)
             h = ops.rms_norm(x, blk.input_layernorm.weight, cfg.norm_eps)
-            q = at.q_proj(h).view(N, H, D)                                # (N, H, D)
-            k = at.k_proj(h).view(N, Hkv, D)                              # (N, Hkv, D)
-            v = at.v_proj(h).view(N, Hkv, D)
+            q = ops.linear(h, at.q_proj).view(N, H, D)                    # (N, H, D)
+            k = ops.linear(h, at.k_proj).view(N, Hkv, D)                  # (N, Hkv, D)
+            v = ops.linear(h, at.v_proj).view(N, Hkv, D)
             q, k = ops.rope(q, k, meta.positions, self.rope_cos, self.rope_sin)
             o = kv.attend(i, q, k, v)                                     # (N, H, D)
-            x = x + at.o_proj(o.reshape(N, H * D))
+            x = x + ops.linear(o.reshape(N, H * D), at.o_proj)
             # MLP: norm -> SwiGLU -> down
             h = ops.rms_norm(x, blk.post_attention_layernorm.weight, cfg.norm_eps)
             m = blk.mlp
-            x = x + m.down_proj(ops.swiglu(m.gate_proj(h), m.up_proj(h)))
+            x = x + ops.linear(ops.swiglu(ops.linear(h, m.gate_proj), ops.linear(h, m.up_proj)), m.down_proj)
         if logits_idx is not None:
             x = x[logits_idx]                                             # (B, C)
         x = ops.rms_norm(x, self.model.norm.weight, cfg.norm_eps)
-        return self.lm_head(x).float()                                    # (*, V)
+        return ops.linear(x, self.lm_head).float()                        # (*, V)
 
     def project_q(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Layer `layer`'s post-RoPE queries (N, H, D) for the residual stream x (N, C), through
@@ -138,7 +138,7 @@ class Llama(nn.Module):
         do, so the layer's own gain is applied)."""
         cfg, blk = self.config, self.model.layers[layer]
         h = self.ops.rms_norm(x, blk.input_layernorm.weight, cfg.norm_eps)
-        q = blk.self_attn.q_proj(h).view(x.shape[0], cfg.num_heads, cfg.head_dim)
+        q = self.ops.linear(h, blk.self_attn.q_proj).view(x.shape[0], cfg.num_heads, cfg.head_dim)
         return self.ops.rope(q, q, positions, self.rope_cos, self.rope_sin)[0]
 
     def tie_weights(self) -> None:

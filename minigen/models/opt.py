@@ -85,23 +85,23 @@ class OPT(nn.Module):
         pre = cfg.do_layer_norm_before
         x = dec.embed_tokens(tokens)                                      # (N, P)
         if dec.project_in is not None:
-            x = dec.project_in(x)                                         # (N, C)
+            x = self.ops.linear(x, dec.project_in)                        # (N, C)
         x = x + dec.embed_positions(meta.positions + POSITION_OFFSET)
         for i, blk in enumerate(dec.layers):
             # attention (pre-LN: norm first; post-LN: norm after the residual add)
             at = blk.self_attn
             kv.pre_attention(i, x)
             h = self._ln(blk.self_attn_layer_norm, x) if pre else x
-            q = at.q_proj(h).view(N, H, D)                                # (N, H, D)
-            k = at.k_proj(h).view(N, H, D)
-            v = at.v_proj(h).view(N, H, D)
+            q = self.ops.linear(h, at.q_proj).view(N, H, D)               # (N, H, D)
+            k = self.ops.linear(h, at.k_proj).view(N, H, D)
+            v = self.ops.linear(h, at.v_proj).view(N, H, D)
             o = kv.attend(i, q, k, v)                                     # (N, H, D)
-            x = x + at.out_proj(o.reshape(N, H * D))
+            x = x + self.ops.linear(o.reshape(N, H * D), at.out_proj)
             if not pre:
                 x = self._ln(blk.self_attn_layer_norm, x)
             # MLP: fc1 -> ReLU -> fc2
             h = self._ln(blk.final_layer_norm, x) if pre else x
-            x = x + blk.fc2(F.relu(blk.fc1(h)))
+            x = x + self.ops.linear(F.relu(self.ops.linear(h, blk.fc1)), blk.fc2)
             if not pre:
                 x = self._ln(blk.final_layer_norm, x)
         if logits_idx is not None:
@@ -109,15 +109,15 @@ class OPT(nn.Module):
         if dec.final_layer_norm is not None:
             x = self._ln(dec.final_layer_norm, x)
         if dec.project_out is not None:
-            x = dec.project_out(x)                                        # (*, P)
-        return self.lm_head(x).float()                                    # (*, V)
+            x = self.ops.linear(x, dec.project_out)                       # (*, P)
+        return self.ops.linear(x, self.lm_head).float()                   # (*, V)
 
     def project_q(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Layer `layer`'s queries (N, H, D) for the residual stream x (N, C), through the layer's
         own attention input norm (pre-LN; post-LN attends to x itself). No RoPE in OPT."""
         cfg, blk = self.config, self.model.decoder.layers[layer]
         h = self._ln(blk.self_attn_layer_norm, x) if cfg.do_layer_norm_before else x
-        return blk.self_attn.q_proj(h).view(x.shape[0], cfg.num_heads, cfg.head_dim)
+        return self.ops.linear(h, blk.self_attn.q_proj).view(x.shape[0], cfg.num_heads, cfg.head_dim)
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.decoder.embed_tokens.weight
