@@ -70,8 +70,10 @@ class Conversation:
     def reply(self, sp: SamplingParams, out=sys.stdout) -> bool:
         """Stream the assistant's reply to `out`; returns True when Ctrl-C stopped it. Stopped during
         decoding, the reply is kept as said so far; stopped (or failed) before its first token, the
-        turn is cancelled: the user message goes, and the slot keeps no trace of it (the engine
-        restores the policy's state of an interrupted prefill chunk)."""
+        turn is cancelled: the user message goes and the slot's tokens are back to before the turn
+        (the engine restores the policy's state of an interrupted prefill chunk; a long message's
+        chunks that completed before it keep what they added to a policy's running statistics,
+        such as h2o's accumulated attention of the earlier tokens)."""
         gen = self.engine.generate([self.seq], sp)
         started = False
         try:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from minigen.errors import ConfigError
 
 SUPPORTED_ARCHS = ("llama", "opt")
+_ARCH_FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                "OPTForCausalLM": "opt"}
 
 
 @dataclass(slots=True)
@@ -89,9 +91,12 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         try:
-            if mt in ("llama", "mistral", "qwen2") or any(a.startswith(("Llama", "Mistral", "Qwen2")) for a in archs):
+            # model_type names the family; a config without one, its class names (exactly: Qwen2Moe
+            # or Qwen2VL share a prefix with Qwen2 but not its weights)
+            family = mt or next((_ARCH_FAMILY[a] for a in archs if a in _ARCH_FAMILY), None)
+            if family in ("llama", "mistral", "qwen2"):
                 nh = cfg["num_attention_heads"]
-                qwen2 = mt == "qwen2" or any(a.startswith("Qwen2") for a in archs)   # q/k/v biases, no o bias
+                qwen2 = family == "qwen2"                                     # q/k/v biases, no o bias
                 ctx, window = _window(cfg, cfg.get("max_position_embeddings", 2048))
                 return cls(
                     arch="llama", vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
@@ -108,7 +113,7 @@ class ModelConfig:
                     mlp_bias=bool(cfg.get("mlp_bias", False)),
                     activation=cfg.get("hidden_act", "silu"),
                     bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids)
-            if mt == "opt" or any(a.startswith("OPT") for a in archs):
+            if family == "opt":
                 nh = cfg["num_attention_heads"]
                 return cls(
                     arch="opt", vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],

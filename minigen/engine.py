@@ -178,23 +178,26 @@ class Engine:
 
     def _capture(self, g: _DecodeGraph) -> None:
         saved = (g.positions.clone(), g.seq_lens.clone(), list(g.host_start))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())   # side (warm-up) waits for the buffer loads
-        with torch.cuda.stream(side):
-            self.kv.warmup(True)
-            try:
-                for _ in range(2):                       # compile kernels, settle allocations
-                    self._decode_forward(g)
-            finally:
-                self.kv.warmup(False)                    # the policy undoes what they changed
-        torch.cuda.current_stream().wait_stream(side)   # main waits for the warm-up
-        g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph):
-            g.logits = self._decode_forward(g)
-        # warm-up wrote K/V past the live lengths (overwritten before read) and advanced positions
-        g.positions.copy_(saved[0])
-        g.seq_lens.copy_(saved[1])
-        g.host_start = saved[2]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())   # side (warm-up) waits for the buffer loads
+            with torch.cuda.stream(side):
+                self.kv.warmup(True)
+                try:
+                    for _ in range(2):                       # compile kernels, settle allocations
+                        self._decode_forward(g)
+                finally:
+                    self.kv.warmup(False)                    # the policy undoes what they changed
+            torch.cuda.current_stream().wait_stream(side)   # main waits for the warm-up
+            with torch.cuda.graph(graph):
+                logits = self._decode_forward(g)
+        finally:
+            # warm-up wrote K/V past the live lengths (overwritten before read) and advanced positions
+            g.positions.copy_(saved[0])
+            g.seq_lens.copy_(saved[1])
+            g.host_start = saved[2]
+        g.graph, g.logits = graph, logits                   # only a completed capture is ever replayed
 
     @torch.inference_mode()
     def decode_step(self, g: _DecodeGraph) -> torch.Tensor:
@@ -231,19 +234,26 @@ class Engine:
                                            f"token slot; lower --context or raise --max-seq-len")
         B, n, dev = len(seqs), max(lens), self.device
         held = [s.pending.pop() for s in seqs]           # the last context token: the first decode step's
-        padded = [list(t) + [t[-1]] * (n - len(t)) for t in targets]
-        tgt = torch.tensor(padded, dtype=torch.int64).T.contiguous().to(dev)           # (n, B)
-        first = torch.tensor(held, dtype=torch.int64).to(dev)                          # (B,)
-        valid = (torch.arange(n)[None, :] < torch.tensor(lens)[:, None]).to(dev)     # (B, n)
-        out = torch.empty((n, B), dtype=torch.float32, device=dev)
-        if any(s.pending for s in seqs):
-            self.prefill([s for s in seqs if s.pending])
-        g = self._decode_graph(seqs)
-        for t in range(n):
-            # step t is fed the held token (t = 0) or target t - 1; its logits predict target t
-            g.tokens.copy_(first if t == 0 else tgt[t - 1])
-            logits = self.decode_step(g)                                              # (B, V)
-            out[t] = torch.log_softmax(logits.float(), -1).gather(1, tgt[t, :, None])[:, 0]
+        try:
+            padded = [list(t) + [t[-1]] * (n - len(t)) for t in targets]
+            tgt = torch.tensor(padded, dtype=torch.int64).T.contiguous().to(dev)           # (n, B)
+            first = torch.tensor(held, dtype=torch.int64).to(dev)                          # (B,)
+            valid = (torch.arange(n)[None, :] < torch.tensor(lens)[:, None]).to(dev)     # (B, n)
+            out = torch.empty((n, B), dtype=torch.float32, device=dev)
+            if any(s.pending for s in seqs):
+                self.prefill([s for s in seqs if s.pending])
+            g = self._decode_graph(seqs)
+            for t in range(n):
+                # step t is fed the held token (t = 0) or target t - 1; its logits predict target t
+                g.tokens.copy_(first if t == 0 else tgt[t - 1])
+                logits = self.decode_step(g)                                              # (B, V)
+                out[t] = torch.log_softmax(logits.float(), -1).gather(1, tgt[t, :, None])[:, 0]
+        except BaseException:
+            # the held token goes back last in pending (prefill takes from the front), so nothing
+            # of the context is lost; cached_ids did not move, so a retry rewrites the same slots
+            for s, h in zip(seqs, held):
+                s.pending.append(h)
+            raise
         for s, h, tg in zip(seqs, held, targets):
             s.cached_ids += [h] + tg[:-1]    # fed and cached: the held token, every target but the last
         return out.T.masked_fill(~valid, 0.0)                                         # (B, n)

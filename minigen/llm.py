@@ -40,6 +40,9 @@ class LLM:
         turn it on, so their numbers do not depend on --batch."""
         # what can be checked without the model, before spending time on loading it
         self.policy_opts = dict(policy_opts or {})
+        if "skew" in self.policy_opts:
+            raise ValueError("give the skew artifact as skew= (a file path), not in policy_opts: LLM loads it "
+                             "for the model, or computes and caches it when skew= is left out")
         check_policy_opts(policy, self.policy_opts)
         if skew is not None and policy != "infinigen":
             raise ValueError(f"skew= (--skew) applies to policy 'infinigen' only, not '{policy}'")

@@ -23,6 +23,20 @@ def test_unknown_architecture():
         ModelConfig.from_hf({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]})
 
 
+
+@pytest.mark.parametrize("cfg", [{"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]},
+                                 {"architectures": ["Qwen2VLForConditionalGeneration"]}])
+def test_a_family_sharing_a_prefix_is_not_taken_for_qwen2(cfg):
+    with pytest.raises(ConfigError, match="unsupported architecture"):
+        ModelConfig.from_hf(dict(cfg, vocab_size=10, hidden_size=8, num_attention_heads=2, num_hidden_layers=1,
+                                 intermediate_size=16))
+
+
+def test_the_family_from_the_class_name_without_model_type():
+    c = ModelConfig.from_hf({"architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+                             "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 16})
+    assert (c.arch, c.qkv_bias, c.o_bias) == ("llama", True, False)
+
 def test_missing_field():
     with pytest.raises(ConfigError, match="missing field 'hidden_size'"):
         ModelConfig.from_hf({"model_type": "llama", "vocab_size": 10, "num_attention_heads": 2})

@@ -140,6 +140,23 @@ def test_teacher_force_errors(tiny):
     eng.teacher_force([a, b], [[7] * 12, [8]])           # 20 + 12 fits exactly; b pads at the slot end
 
 
+def test_interrupted_teacher_force_keeps_the_context(tiny, monkeypatch):
+    """Ctrl-C in teacher_force's prefill: every context token is still there (the held last one
+    back at the end of pending), and the same call then gives what an uninterrupted one gives."""
+    want, _, _ = forced(tiny, "dense", PROMPTS, TARGETS)
+    eng = Engine(tiny, IdTokenizer(), policy="dense", max_batch=len(PROMPTS), max_seq_len=64)
+    seqs = [eng.new_sequence(p) for p in PROMPTS]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(eng, "prefill", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eng.teacher_force(seqs, TARGETS)
+    assert [s.cached_ids + s.pending for s in seqs] == PROMPTS
+    monkeypatch.undo()
+    torch.testing.assert_close(eng.teacher_force(seqs, TARGETS), want, atol=1e-5, rtol=0)
+
+
 # ---- ppl --------------------------------------------------------------------------------------
 
 

@@ -83,6 +83,7 @@ def test_bad_sampling_values(llm, kw, msg):
     (dict(policy="window", policy_opts=dict(sinks=-2)), "--sinks must be an integer >= 0"),
     (dict(policy="dense", skew="x.pt"), "applies to policy 'infinigen' only"),
     (dict(policy="infinigen", skew="/nonexistent/skew.pt"), "does not exist"),
+    (dict(policy="infinigen", policy_opts=dict(skew="x.pt")), "as skew= "),
 ])
 def test_bad_arguments_refused_before_loading(kw, msg):
     """The model path does not exist: each error must come before any attempt to load it."""

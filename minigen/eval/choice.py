@@ -75,6 +75,9 @@ def score_choices(llm: LLM, context: str, choices: list[str]) -> tuple[list[floa
     through the policy's decode path."""
     tok = llm.tokenizer
     ctx = tok.encode(context)
+    if len(ctx) < 2:
+        raise ValueError(f"the context {context!r} encodes to {len(ctx)} token(s); choices are scored through the "
+                         f"policy's decode path, which needs at least 2 context tokens: give a longer context")
     conts = [continuation_ids(tok, context, ctx, c) for c in choices]
     engine = llm.get_engine(len(choices))
     need = len(ctx) + max(map(len, conts))

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from minigen.cli import add_model_args, policy_opts
 from minigen.device import resolve_device
+from minigen.errors import ContextOverflowError
 from minigen.eval.choice import TASK_FORMAT, load_tasks, run_choice
 from minigen.eval.needle import run_needle
 from minigen.eval.ppl import nll_report, token_nll, token_nll_decode
@@ -41,13 +42,21 @@ from minigen.llm import LLM
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_llm(args, max_seq_len: int | None) -> LLM:
+def make_llm(args, max_seq_len: int | None, sized_by: str | None = None) -> LLM:
+    """The LLM for an evaluation; sized_by names the flag that set max_seq_len when --max-seq-len
+    was not given, so an error about the length names what the user typed."""
     opts = policy_opts(args)
-    # on the CPU the scores do not depend on --batch (on a GPU cuBLAS's kernel choice makes them vary
-    # in the last bits, which a 4-bit quantizer or a near-tie in greedy decoding can amplify)
-    return LLM(args.model, policy=args.policy, device=args.device, dtype=args.dtype,
-               max_seq_len=max_seq_len, policy_opts=opts, skew=args.skew,
-               batch_invariant=resolve_device(args.device).type == "cpu")
+    try:
+        # on the CPU the scores do not depend on --batch (on a GPU cuBLAS's kernel choice makes them
+        # vary in the last bits, which a 4-bit quantizer or a near-tie in greedy decoding can amplify)
+        return LLM(args.model, policy=args.policy, device=args.device, dtype=args.dtype,
+                   max_seq_len=max_seq_len, policy_opts=opts, skew=args.skew,
+                   batch_invariant=resolve_device(args.device).type == "cpu")
+    except ContextOverflowError as e:
+        said = f"--max-seq-len {max_seq_len}"       # LLM's words: "--max-seq-len N exceeds the model's context ..."
+        if args.max_seq_len is None and sized_by and str(e).startswith(said):
+            raise ContextOverflowError(f"{sized_by} needs {max_seq_len} tokens, which{str(e)[len(said):]}") from None
+        raise
 
 
 def meta(args, llm: LLM, t0: float) -> dict:
@@ -85,7 +94,7 @@ def cmd_ppl(args) -> int:
         raise ValueError("--batch and --chunk must be >= 1, --chunk-report >= 0")
     files = text_files(args.text)
     t0 = time.perf_counter()
-    llm = make_llm(args, args.max_seq_len or args.context + 1)
+    llm = make_llm(args, args.max_seq_len or args.context + 1, f"--context {args.context}")
     docs, kept = [], []
     need = prefix + 1 if decode else 2
     for f in files:
@@ -159,7 +168,7 @@ def cmd_ruler(args) -> int:
     if args.samples < 1 or args.batch < 1:
         raise ValueError("--samples and --batch must be >= 1")
     t0 = time.perf_counter()
-    llm = make_llm(args, args.max_seq_len or max(lengths))
+    llm = make_llm(args, args.max_seq_len or max(lengths), f"--lengths {max(lengths)}")
     if max(lengths) > llm.max_seq_len:
         raise ValueError(f"--lengths {max(lengths)} exceeds the slot of {llm.max_seq_len} tokens: raise --max-seq-len")
     res = run_ruler(llm, names, lengths, args.samples, batch=args.batch, seed=args.seed, progress=not args.quiet)

@@ -156,7 +156,7 @@ def cwe(n: int, rng: random.Random, args: dict, template: str, long: bool = True
     words = _words("nounlist", "adjectivelist", "verblist")
 
     def example(count, common_times, rare_times):
-        picked = rng.sample(words, count)
+        picked = rng.sample(words, min(count, len(words)))   # past every distinct word the list stops growing
         common = picked[:args["num_cw"]]
         listed = common * common_times + picked[args["num_cw"]:] * rare_times
         rng.shuffle(listed)
@@ -251,6 +251,9 @@ def fit(llm: LLM, task: str, length: int, seed: int) -> tuple[list[int], list[st
     lo, hi = 1, 2
     while len(build(llm, task, length, hi, seed)[0]) <= room and hi < 10**7:
         lo, hi = hi, hi * 2
+    if hi >= 10**7:                        # the generator ran out of material: the prompt stays short
+        print(f"RULER task {task} cannot fill {room} tokens at length {length}: its generator has no larger "
+              "haystack", file=sys.stderr)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if len(build(llm, task, length, mid, seed)[0]) <= room else (lo, mid)

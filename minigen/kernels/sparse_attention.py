@@ -219,15 +219,20 @@ def sparse_attention_ref(q: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tens
     on the device (no host reads on a GPU, so it is capturable too). Rows past count may hold
     anything: their scores are overwritten with -inf (masked_fill replaces NaN too) and their V
     rows are zeroed before p @ V, where 0 * NaN would otherwise leak. On the CPU (the runtime's path
-    there) a batch goes one sequence at a time over its own rows, so a sequence's sums do not depend
-    on how long the other sequences are."""
-    if q.device.type == "cpu" and q.shape[0] > 1:
-        out = output(out, q.shape, q.dtype, q.device, "sparse_attention_ref")
-        widest = count.amax(-1).clamp(0, k_sel.shape[2]).tolist()          # sync: CPU-path reference
-        for b, n in enumerate(widest):
-            sparse_attention_ref(q[b:b + 1], k_sel[b:b + 1, :, :n], v_sel[b:b + 1, :, :n], count[b:b + 1],
-                                 k_cur[b:b + 1], v_cur[b:b + 1], sm_scale, out=out[b:b + 1])
-        return out
+    there) each sequence goes alone over its own widest count of rows, so its sums do not depend on
+    the other sequences in the batch nor on how wide the caller's buffer is."""
+    if q.device.type != "cpu":
+        return _sparse_ref_all(q, k_sel, v_sel, count, k_cur, v_cur, sm_scale, out)
+    out = output(out, q.shape, q.dtype, q.device, "sparse_attention_ref")
+    widest = count.amax(-1).clamp(0, k_sel.shape[2]).tolist()              # sync: CPU-path reference
+    for b, n in enumerate(widest):
+        _sparse_ref_all(q[b:b + 1], k_sel[b:b + 1, :, :n], v_sel[b:b + 1, :, :n], count[b:b + 1],
+                        k_cur[b:b + 1], v_cur[b:b + 1], sm_scale, out[b:b + 1])
+    return out
+
+
+def _sparse_ref_all(q, k_sel, v_sel, count, k_cur, v_cur, sm_scale, out):
+    """sparse_attention_ref's body over the whole batch at the width k_sel has."""
     B, H, D = q.shape
     Hkv, N = k_sel.shape[1], k_sel.shape[2]
     G = H // Hkv

@@ -253,8 +253,8 @@ class InfiniGenKV(PooledKV):
         super().warmup(on)                           # counters, row positions, fetch counts
 
     def prefill_state(self, meta) -> list:
-        """The column choice (scores summed over the prompt so far, the columns in use) and a
-        limited pool's row bookkeeping of the prefilling sequences."""
+        """Column scores and columns, a limited pool's rows. Not the earlier tokens' partial keys an
+        interrupted prompt-ending chunk rewrote: the next one rewrites them before a decode reads them."""
         at = (slice(None), meta.slot_idx.long())                              # [:, slots]
         rows = [(t, at) for t in self.evictor.warm_state()] if self.evictor else []
         return [(self.col_score, at), (self.a_sel, at)] + rows

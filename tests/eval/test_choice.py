@@ -26,6 +26,12 @@ def test_score_choices_equals_direct_computation(llm):
     assert res["accuracy"] == 1.0 and res["n"] == 2 and res["by_length"] == {"7": {"accuracy": 1.0, "n": 1}}
 
 
+def test_a_context_too_short_for_the_decode_path_is_refused(llm):
+    with pytest.raises(ValueError, match="needs at least 2 context tokens"):
+        score_choices(llm, "", ["yes", "no"])
+    eng = llm.get_engine(2)
+    assert len(eng.free_slots) == eng.max_batch                   # refused before taking a slot
+
 def test_load_tasks_errors(tmp_path):
     f = tmp_path / "t.jsonl"
     for line, msg in [('{"context": "a", "choices": ["b"], "label": 0}', "2 or more"),

@@ -54,6 +54,9 @@ def test_cli_errors(tmp_path):
     assert r.returncode == 2 and "bad.jsonl:1:" in r.stderr and "Traceback" not in r.stderr
     r = run(["needle", "--depths", "0,2"], timeout=120)
     assert r.returncode == 2 and "error: --depths" in r.stderr
+    r = run(["ruler", "--lengths", "200000", "--tasks", "niah_single_1"], timeout=120)
+    assert r.returncode == 2 and "error: --lengths 200000 needs 200000 tokens, which exceeds the model's context" \
+        in r.stderr and "--max-seq-len" not in r.stderr
 
 
 def test_ppl_scores_a_policy_through_decode_by_default(tiny_dir, tmp_path):

@@ -90,3 +90,10 @@ def test_cli_json_last_line(long_tiny, tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(out["tasks"]) == {"niah_multikey_2", "vt"} and set(out["mean"]) == {"1200", "1600"}
     assert out["policy"] == "dense"
+
+
+def test_cwe_at_128k_fits(default_llm):
+    """At 128K cwe's doubling search asks for more distinct words than its lists hold; the list then
+    stops growing (here the whole list is already past the room, so the search still ends in it)."""
+    ids, answers = fit(default_llm, "cwe", 131072, seed=0)
+    assert 131072 * 0.8 < len(ids) <= 131072 - ruler()["cwe"]["tokens_to_generate"] and len(answers) == 10

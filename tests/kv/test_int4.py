@@ -195,25 +195,3 @@ def test_int4_cuda_equals_cpu_reference(arch, fetch):
     for _ in eng.generate(seqs, SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)):
         pass
     assert all(len(s.output_ids) == 16 for s in seqs)
-
-
-def test_int4_results_do_not_depend_on_the_batch(tmp_path):
-    """The same prompts alone and together: identical greedy tokens and decode-path NLL with int4 on
-    the CPU with batch_invariant (what the evaluations run with). Without it the 4-bit codes of a few
-    K/V values flip between the two (the K/V differ in their last bits with the row count of CPU
-    BLAS's products) and greedy tokens diverge."""
-    from minigen import LLM
-    from minigen.eval.ppl import token_nll_decode
-    llm = LLM(policy="int4", device="cpu", max_seq_len=256, batch_invariant=True)
-    prompts = ["The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
-               "combined movable metal type with oil-based ink and a wooden press.",
-               "Explain in detail how a bicycle stays upright while it is moving, and why it falls over.",
-               "Hi", "What is 2+2?"]
-    together = [c.token_ids for c in llm.generate(prompts, max_new_tokens=32, temperature=0)]
-    alone = [llm.generate([p], max_new_tokens=32, temperature=0)[0].token_ids for p in prompts]
-    assert together == alone
-    docs = [llm.tokenizer.encode(p * 3)[:60] for p in prompts[:2]]
-    batched = token_nll_decode(llm, docs, 30)
-    for d, nll in zip(docs, batched):
-        assert torch.equal(token_nll_decode(llm, [d], 30)[0], nll)
-    llm.close()
