@@ -72,12 +72,17 @@ def hbm_copy_gbps(nbytes: int = 1 << 30) -> float:
 # ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------
+def shape_config(shape: str, max_seq_len: int) -> tuple[ModelConfig, dict]:
+    """The ModelConfig and Hugging Face fields of a named shape whose context holds max_seq_len."""
+    hf = dict(SHAPES[shape])
+    hf["max_position_embeddings"] = max(hf["max_position_embeddings"], max_seq_len)
+    return ModelConfig.from_hf(hf), hf
+
+
 def random_model(shape: str, dtype: torch.dtype, max_seq_len: int):
     """minigen model of a named shape with random weights, built on the GPU."""
     from minigen.models import build_model, model_class
-    hf = dict(SHAPES[shape])
-    hf["max_position_embeddings"] = max(hf["max_position_embeddings"], max_seq_len)
-    cfg = ModelConfig.from_hf(hf)
+    cfg, hf = shape_config(shape, max_seq_len)
     with torch.device("meta"):
         names = [(n, p.shape) for n, p in model_class(cfg)(cfg).named_parameters()]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -421,6 +426,25 @@ def free_gpu():
     torch.cuda.reset_peak_memory_stats()
 
 
+def hold_budget(args, dtype: torch.dtype, opts: dict) -> int:
+    """--gpu-memory: the run planned against the budget from the model's config (refused, one line,
+    when it does not fit), then the CUDA allocator held to it (minigen/memory.py)."""
+    from minigen.memory import check, hold_to_budget, plan, resolve_budget
+    dev = torch.device("cuda")
+    try:
+        budget = resolve_budget(args.gpu_memory, dev)
+        if args.shape:
+            cfg = shape_config(args.shape, args.context + args.steps + 8)[0]
+        else:
+            from minigen.load import load_checkpoint
+            cfg = load_checkpoint(None if args.model == "default" else args.model).config
+        check(plan(cfg, dtype, args.policy, args.batch, args.context + args.steps + 8, opts), budget, cfg, dtype, opts)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    hold_to_budget(budget, dev)
+    return budget
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -438,6 +462,9 @@ def main(argv=None) -> int:
     p.add_argument("--fetch", choices=FETCHES, default=None,
                    help="offload/int4: copy engine (eager step) or gather_kv kernel (CUDA-graph step)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--gpu-memory", default=None, help="GPU memory budget, bytes (e.g. 24G) or a fraction of the "
+                   "GPU's: minigen's run is planned against it (refused when it does not fit) and the allocator "
+                   "held to it, the transformers baselines too")
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--dtype", default="float16")
@@ -458,6 +485,7 @@ def main(argv=None) -> int:
         return 2
     from minigen.device import resolve_dtype
     dtype = resolve_dtype(args.dtype, torch.device("cuda"))
+    budget = hold_budget(args, dtype, opts) if args.gpu_memory is not None else None
     ceiling = hbm_copy_gbps()
     h2d = pinned_h2d_gbps()
     if args.text:
@@ -465,13 +493,14 @@ def main(argv=None) -> int:
         if not args.model:
             raise SystemExit("error: --text needs --model (a real tokenizer)")
         llm = LLM(None if args.model == "default" else args.model, device="cuda", dtype=dtype, policy=args.policy,
-                  policy_opts=opts, max_seq_len=args.context + args.steps + 1)
+                  policy_opts=opts, max_seq_len=args.context + args.steps + 1, gpu_memory=budget,
+                  max_batch=args.batch)
         r = time_real_text(llm.model, llm.tokenizer, policy=args.policy, batch=args.batch, context=args.context,
                            steps=args.steps, text=Path(args.text).read_text(errors="replace"),
                            opts=llm.policy_opts)
         out = dict(bench="decode-real-text", model=args.model, text=args.text, policy=args.policy, batch=args.batch,
                    context=args.context, steps=args.steps, dtype=args.dtype, gpu=torch.cuda.get_device_name(),
-                   policy_opts=jsonable(opts), minigen=r)
+                   gpu_memory=budget, policy_opts=jsonable(opts), minigen=r)
         print(json.dumps(out))
         return 0
     if args.shape:
@@ -487,7 +516,7 @@ def main(argv=None) -> int:
     out = dict(bench="decode", model=name, policy=args.policy, batch=args.batch, context=args.context,
                steps=args.steps, dtype=args.dtype, gpu=torch.cuda.get_device_name(),
                torch=torch.__version__, hbm_copy_gbps=round(ceiling, 1), pinned_h2d_gbps=round(h2d, 1),
-               policy_opts=jsonable(opts),
+               gpu_memory=budget, policy_opts=jsonable(opts),
                bytes_per_step=m.pop("bytes_per_step"), floor_ms=floor_ms, minigen=m)
     del model
     free_gpu()

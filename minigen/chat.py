@@ -115,7 +115,7 @@ def clean_text(text: str, warn: list) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minigen.chat", description=__doc__.split("\n")[0])
-    add_model_args(p)
+    add_model_args(p, default_policy="auto")
     add_sampling_args(p)
     p.add_argument("--prompt", default=None, help="print one reply to this prompt and exit")
     p.add_argument("--system", default=None, help="system message")
@@ -128,10 +128,11 @@ def main(argv=None) -> int:
     opts = policy_opts(args)
     t0 = time.perf_counter()
     llm = LLM(args.model, policy=args.policy, device=args.device, dtype=args.dtype,
-              max_seq_len=args.max_seq_len, policy_opts=opts, skew=args.skew)
+              max_seq_len=args.max_seq_len, policy_opts=opts, skew=args.skew, gpu_memory=args.gpu_memory)
     system = None if args.system is None else clean_text(args.system, warned)
     conv = Conversation(llm, system)
-    info = f"{llm.model.config.arch}, {llm.model.config.num_layers} layers, {llm.device}, {str(llm.dtype).split('.')[-1]}"
+    info = (f"{llm.model.config.arch}, {llm.model.config.num_layers} layers, {llm.policy}, {llm.device}, "
+            f"{str(llm.dtype).split('.')[-1]}")
     if args.prompt is not None:
         n_new = conv.prepare(clean_text(args.prompt, warned))
         stopped = conv.reply(sp)

@@ -12,10 +12,15 @@ from minigen.kv.eviction import EVICT_POLICIES, parse_cpu_kv_limit
 from minigen.kv.offload import FETCHES
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, default_policy: str = "dense") -> None:
     p.add_argument("--model", default=None,
                    help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--policy", default="dense", choices=POLICIES, help="KV cache policy")
+    p.add_argument("--policy", default=default_policy, choices=POLICIES + ("auto",),
+                   help=f"KV cache policy; auto: dense when it fits the GPU memory, else infinigen "
+                        f"(default: {default_policy})")
+    p.add_argument("--gpu-memory", default=None,
+                   help="GPU memory budget: bytes (e.g. 24G) or a fraction of the device's memory (e.g. 0.5); "
+                        "a run that does not fit is refused before loading (default: no budget)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -50,7 +55,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 # the policy settings that have a command-line flag, and which of them each policy takes
 FLAGS = ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "cpu_kv_limit", "evict", "sinks", "fetch",
          "skew")
-POLICY_FLAGS = {p: tuple(o for o in opts if o in FLAGS) for p, opts in POLICY_OPTIONS.items()}
+POLICY_FLAGS = {p: tuple(o for o in opts if o in FLAGS) for p, opts in POLICY_OPTIONS.items()} | {"auto": ()}
 
 
 def policy_opts(args) -> dict:
@@ -70,7 +75,8 @@ def policy_opts(args) -> dict:
     if skew is not None and not Path(skew).is_file():
         raise FileNotFoundError(f"--skew {skew}: no such file; leave --skew out to use the cached matrices "
                                 f"(computed on first use) or make them with `python -m minigen.skew --out FILE`")
-    check_policy_opts(args.policy, opts)
+    if args.policy != "auto":
+        check_policy_opts(args.policy, opts)
     return opts
 
 

@@ -13,3 +13,7 @@ class LoadError(ValueError):
 
 class ContextOverflowError(ValueError):
     """A sequence would not fit into the model's context or the allocated cache."""
+
+
+class MemoryBudgetError(ValueError):
+    """What a run needs does not fit the GPU memory budget (--gpu-memory) or the host's RAM."""

@@ -15,8 +15,10 @@ import torch
 from minigen.device import resolve_device, resolve_dtype
 from minigen.engine import Engine
 from minigen.errors import ContextOverflowError
-from minigen.kv import check_policy_opts, make_policy
-from minigen.load import load_model
+from minigen.kv import check_policy_opts
+from minigen.load import load_checkpoint
+from minigen.memory import MemoryPlan, auto_policy, check, hold_to_budget, plan, resolve_budget
+from minigen.models import build_model
 from minigen.sampler import SamplingParams
 from minigen.calibrate import load_skew_for
 
@@ -34,8 +36,16 @@ class LLM:
     def __init__(self, model: str | None = None, *, policy: str = "dense", device: str | None = None,
                  dtype: str | torch.dtype | None = None, max_seq_len: int | None = None,
                  cuda_graph: bool = True, policy_opts: dict | None = None, skew: str | None = None,
-                 batch_invariant: bool = False):
-        """batch_invariant (CPU only): every sequence's numbers independent of the batch it runs in
+                 batch_invariant: bool = False, gpu_memory: int | float | str | None = None, max_batch: int = 1):
+        """policy: a KV policy (minigen/kv), or "auto": dense when it fits the memory (gpu_memory, else
+        what the device has free), infinigen at its defaults when it does not.
+        gpu_memory: the GPU memory budget, bytes (e.g. "24G") or a fraction of the device's memory;
+        what the run needs for max_batch sequences of max_seq_len tokens is planned from the
+        model's config and refused, in one line, before loading when it does not fit; on CUDA the
+        allocator is held to it (minigen/memory.py). generate with more prompts than max_batch
+        plans again. The pinned host pool of the offloading policies is checked against the RAM
+        available, with or without a budget.
+        batch_invariant (CPU only): every sequence's numbers independent of the batch it runs in
         (minigen/kernels/ops.py: linear_row_invariant), at some cost in CPU speed; the evaluations
         turn it on, so their numbers do not depend on --batch."""
         # what can be checked without the model, before spending time on loading it
@@ -43,7 +53,13 @@ class LLM:
         if "skew" in self.policy_opts:
             raise ValueError("give the skew artifact as skew= (a file path), not in policy_opts: LLM loads it "
                              "for the model, or computes and caches it when skew= is left out")
-        check_policy_opts(policy, self.policy_opts)
+        if policy == "auto" and self.policy_opts:
+            raise ValueError(f"policy 'auto' takes no policy settings (got {', '.join(self.policy_opts)}): it picks "
+                             "dense or infinigen at its defaults; name the policy to tune it")
+        if policy != "auto":
+            check_policy_opts(policy, self.policy_opts)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if skew is not None and policy != "infinigen":
             raise ValueError(f"skew= (--skew) applies to policy 'infinigen' only, not '{policy}'")
         if skew is not None and not Path(skew).is_file():
@@ -58,24 +74,39 @@ class LLM:
                              "and minigen has no batch-invariant GPU matmul")
         self.batch_invariant = batch_invariant
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model, self.tokenizer = load_model(model, device=self.device, dtype=self.dtype)
-        self.model.ops.set_batch_invariant(batch_invariant)
-        cfg = self.model.config
+        self.gpu_memory = resolve_budget(gpu_memory, self.device)
+        ckpt = load_checkpoint(model)                   # config and tokenizer; the tensors stay on disk
+        cfg = ckpt.config
         if max_seq_len is not None and max_seq_len > cfg.max_seq_len:
             raise ContextOverflowError(f"--max-seq-len {max_seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
         self.max_seq_len = max_seq_len if max_seq_len is not None else min(cfg.max_seq_len, DEFAULT_MAX_SEQ_LEN)
-        self.policy, self.cuda_graph = policy, cuda_graph
-        # the settings that depend on the model (e.g. --dense-layers against its layers), before the
-        # skew matrices are computed: build the policy once without allocating it
-        make_policy(policy, cfg, ops=self.model.ops, project_q=self.model.project_q, device=self.device,
-                    dtype=self.dtype, **self.policy_opts).close()
-        if policy == "infinigen":   # the skew matrices: cached per model, computed on first use
+        self.policy, self.cuda_graph, self.max_batch = policy, cuda_graph, max_batch
+        if policy == "auto":
+            self.policy = auto_policy(cfg, self.dtype, self.device, max_batch, self.max_seq_len, self.gpu_memory)
+        self.memory_plan = self._plan(cfg, max_batch)      # refused here, before loading, when it does not fit
+        if self.gpu_memory is not None and self.device.type == "cuda":
+            hold_to_budget(self.gpu_memory, self.device)
+        self.model = build_model(cfg, ckpt.tensors(self.device), device=self.device, dtype=self.dtype)
+        self.tokenizer = ckpt.tokenizer
+        self.model.ops.set_batch_invariant(batch_invariant)
+        # (the settings that depend on the model, e.g. --dense-layers against its layers, were checked
+        # by the plan, which builds the policy on the meta device)
+        if self.policy == "infinigen":   # the skew matrices: cached per model, computed on first use
             self.policy_opts["skew"] = load_skew_for(self.model, self.tokenizer, model, skew)
         self.engine: Engine | None = None
 
+    def _plan(self, cfg, max_batch: int) -> MemoryPlan:
+        opts = {k: v for k, v in self.policy_opts.items() if k != "skew"}
+        p = plan(cfg, self.dtype, self.policy, max_batch, self.max_seq_len, opts)
+        check(p, self.gpu_memory, cfg, self.dtype, opts)
+        return p
+
     def get_engine(self, max_batch: int) -> Engine:
-        """The engine, (re)allocated when a larger batch is asked for."""
+        """The engine, (re)allocated when a larger batch is asked for (planned against the budget
+        first when it is larger than the one planned so far)."""
         if self.engine is None or self.engine.max_batch < max_batch:
+            if max_batch > self.memory_plan.num_slots:
+                self.memory_plan = self._plan(self.model.config, max_batch)
             if self.engine is not None:
                 self.engine.close()
             self.engine = Engine(self.model, self.tokenizer, policy=self.policy, max_batch=max_batch,

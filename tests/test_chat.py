@@ -85,14 +85,14 @@ def test_ctrl_c_stops_reply_and_keeps_conversation(llm, monkeypatch):
     (["--temperature", "-1", "--prompt", "hi"], "error: temperature must be >= 0"),
     (["--top-p", "0", "--prompt", "hi"], "error: top_p must be in"),
     (["--policy", "h2o", "--alpha", "3", "--prompt", "hi"], "--alpha does not apply to --policy h2o"),
-    (["--alpha", "3", "--prompt", "hi"], "does not apply to --policy dense (it applies to: infinigen)"),
+    (["--alpha", "3", "--prompt", "hi"], "does not apply to --policy auto (it applies to: infinigen)"),
     (["--policy", "infinigen", "--cpu-kv-limit", "1.5", "--prompt", "hi"], "--cpu-kv-limit"),
     (["--policy", "offload", "--cpu-kv-limit", "0.5", "--prompt", "hi"], "does not apply to --policy offload"),
     (["--policy", "h2o", "--recent", "8", "--prompt", "hi"], "--recent does not apply to --policy h2o"),
     (["--max-seq-len", "-5", "--prompt", "hi"], "--max-seq-len must be an integer >= 2"),
     (["--max-seq-len", "0", "--prompt", "hi"], "--max-seq-len must be an integer >= 2"),
     (["--device", "foo", "--prompt", "hi"], "device 'foo' is not supported"),
-    (["--skew", "x.pt", "--prompt", "hi"], "--skew does not apply to --policy dense"),
+    (["--skew", "x.pt", "--prompt", "hi"], "--skew does not apply to --policy auto"),
     (["--policy", "infinigen", "--skew", "/nonexistent.pt", "--prompt", "hi"], "--skew /nonexistent.pt: no such file"),
 ])
 def test_cli_errors_are_one_line(args, msg):

@@ -274,7 +274,7 @@ def hf_dir(tmp_path_factory):
 
 
 def test_load_or_calibrate_computes_once(hf_dir, tmp_path, monkeypatch, capsys):
-    from minigen.llm import load_model
+    from minigen.load import load_model
     d, calib = hf_dir
     monkeypatch.setenv("MINIGEN_CACHE", str(tmp_path))
     model, tok = load_model(str(d), device=torch.device("cpu"), dtype=torch.float32)
@@ -307,7 +307,7 @@ def cli(*args, env_cache):
 
 
 def test_cli(hf_dir, tmp_path):
-    from minigen.llm import load_model
+    from minigen.load import load_model
     d, calib = hf_dir
     out = tmp_path / "tiny.pt"
     r = cli("--model", d, "--calib", calib, "--out", out, "--tokens", 120, "--device", "cpu", env_cache=tmp_path)

@@ -50,8 +50,8 @@ def make_llm(args, max_seq_len: int | None, sized_by: str | None = None) -> LLM:
         # on the CPU the scores do not depend on --batch (on a GPU cuBLAS's kernel choice makes them
         # vary in the last bits, which a 4-bit quantizer or a near-tie in greedy decoding can amplify)
         return LLM(args.model, policy=args.policy, device=args.device, dtype=args.dtype,
-                   max_seq_len=max_seq_len, policy_opts=opts, skew=args.skew,
-                   batch_invariant=resolve_device(args.device).type == "cpu")
+                   max_seq_len=max_seq_len, policy_opts=opts, skew=args.skew, gpu_memory=args.gpu_memory,
+                   max_batch=getattr(args, "batch", None) or 1, batch_invariant=resolve_device(args.device).type == "cpu")
     except ContextOverflowError as e:
         said = f"--max-seq-len {max_seq_len}"       # LLM's words: "--max-seq-len N exceeds the model's context ..."
         if args.max_seq_len is None and sized_by and str(e).startswith(said):
@@ -63,7 +63,7 @@ def meta(args, llm: LLM, t0: float) -> dict:
     # the policy's settings as given (a non-finite alpha as a string: JSON has no inf)
     opts = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in llm.policy_opts.items() if k != "skew"}
-    return dict(model=args.model or "default", policy=args.policy, policy_opts=opts, device=str(llm.device),
+    return dict(model=args.model or "default", policy=llm.policy, policy_opts=opts, gpu_memory=llm.gpu_memory, device=str(llm.device),
                 batch_invariant=llm.batch_invariant,
                 dtype=str(llm.dtype).split(".")[-1], seconds=round(time.perf_counter() - t0, 2))
 

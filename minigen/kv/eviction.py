@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from minigen.device import parse_size
+
 EVICT_POLICIES = ("counter", "fifo")
 
 
@@ -45,37 +47,10 @@ def host_limit(cpu_kv_limit, evict: str | None, evict_window: int, recent: int |
     return limit, rule, evict_window
 
 
-_SUFFIX = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
 def parse_cpu_kv_limit(text) -> int | float:
     """`--cpu-kv-limit`: bytes as an int (suffixes K/M/G/T, powers of 1024, e.g. "2G") or a
     fraction of the full pool in (0, 1] (a number with a decimal point, e.g. "0.5")."""
-    if isinstance(text, bool):
-        raise ValueError(f"--cpu-kv-limit must be bytes or a fraction in (0, 1], got {text!r}")
-    if isinstance(text, (int, float)):
-        value = text
-    else:
-        t = str(text).strip().upper().removesuffix("B").removesuffix("I")
-        mult = _SUFFIX.get(t[-1:], 1)
-        num = t[:-1] if mult > 1 else t
-        try:
-            value = int(num) * mult
-        except ValueError:
-            try:
-                value = float(num) * mult if mult > 1 else float(num)
-            except ValueError:
-                raise ValueError(f"--cpu-kv-limit must be bytes (e.g. 2000000000 or 2G) or a fraction in "
-                                 f"(0, 1] (e.g. 0.5), got {text!r}") from None
-            if mult > 1:
-                value = int(value)
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"--cpu-kv-limit in bytes must be > 0, got {text!r}")
-    elif not 0.0 < value <= 1.0:
-        raise ValueError(f"--cpu-kv-limit as a fraction of the pool must be in (0, 1], got {text!r} "
-                         f"(give bytes as a whole number, e.g. 2000000000 or 2G)")
-    return value
+    return parse_size(text, "--cpu-kv-limit", "the full pool")
 
 
 def pool_rows(limit, *, max_seq_len: int, num_slots: int, row_bytes: int, evict_window: int) -> int:

@@ -21,15 +21,16 @@ from minigen.kv.base import KVPolicy
 
 
 class HostKVPool:
-    """K and V of `num_layers` layers, (L, S, T, Hkv, D), pinned when a GPU will read them."""
+    """K and V of `num_layers` layers, (L, S, T, Hkv, D), pinned when a GPU will read them; on the
+    meta device when the policy's is (a memory plan, minigen/memory.py)."""
 
     def __init__(self, num_layers: int, num_slots: int, capacity: int, num_kv_heads: int, head_dim: int,
-                 *, dtype: torch.dtype, pin: bool):
+                 *, dtype: torch.dtype, pin: bool, device: str = "cpu"):
         shape = (num_layers, num_slots, capacity, num_kv_heads, head_dim)
         nbytes = 2 * torch.Size(shape).numel() * dtype.itemsize
         try:
-            self.k = torch.empty(shape, dtype=dtype, pin_memory=pin)
-            self.v = torch.empty(shape, dtype=dtype, pin_memory=pin)
+            self.k = torch.empty(shape, dtype=dtype, pin_memory=pin, device=device)
+            self.v = torch.empty(shape, dtype=dtype, pin_memory=pin, device=device)
         except (RuntimeError, MemoryError) as e:
             self.k = self.v = None
             raise MemoryError(
@@ -66,7 +67,7 @@ class PooledKV(KVPolicy):
     def _alloc_pool(self, num_slots: int, max_seq_len: int) -> None:
         self._capacity = max_seq_len
         self.pool = HostKVPool(self.pool_layers, num_slots, max_seq_len, self.num_kv_heads, self.head_dim,
-                               dtype=self.dtype, pin=self.is_cuda)
+                               dtype=self.dtype, pin=self.is_cuda, device="meta" if self.device.type == "meta" else "cpu")
         # prefill staging: one layer of the batch, (S, T, Hkv, D), rows indexed by batch row
         self.prefill_k = self.prefill_v = None
         self._num_slots = num_slots
