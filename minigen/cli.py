@@ -45,6 +45,9 @@ def add_model_args(p: argparse.ArgumentParser, default_policy: str = "dense") ->
     g.add_argument("--evict", choices=EVICT_POLICIES, default=None,
                    help="with --cpu-kv-limit: which row a new token overwrites when the pool is full: the "
                         "least-selected (counter, the default, as InfiniGen) or the oldest (fifo, for comparison)")
+    g.add_argument("--reuse", type=float, default=None,
+                   help="keep recently fetched K/V rows on the GPU, reuse x the selection cap per KV head (e.g. 4), "
+                        "and fetch only the selected rows not already there (default 0: off)")
     g.add_argument("--sinks", type=int, default=None, help="window policy: first tokens always kept (default 4)")
     g.add_argument("--fetch", choices=FETCHES, default=None,
                    help="offload / int4: how the host pool reaches the GPU each step: the copy engine (an eager "
@@ -54,7 +57,7 @@ def add_model_args(p: argparse.ArgumentParser, default_policy: str = "dense") ->
 
 # the policy settings that have a command-line flag, and which of them each policy takes
 FLAGS = ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "cpu_kv_limit", "evict", "sinks", "fetch",
-         "skew")
+         "skew", "reuse")
 POLICY_FLAGS = {p: tuple(o for o in opts if o in FLAGS) for p, opts in POLICY_OPTIONS.items()} | {"auto": ()}
 
 

@@ -10,7 +10,7 @@ import pytest
 from minigen.eval.choice import load_tasks
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-IMPORTS = {"fidelity": ("decode",), "report": ("decode",)}   # the bench modules a script imports by name
+IMPORTS = {"fidelity": ("decode",), "report": ("decode",), "throughput": ("decode",)}   # the bench modules a script imports by name
 
 
 @pytest.fixture
@@ -91,3 +91,25 @@ def test_fidelity_labels_parse_back(monkeypatch, bench_module):
         policies = ["--policies", "infinigen"] if labels == "dense" else []
         with pytest.raises(SystemExit, match="--labels"):
             fidelity.main(["--labels", labels, "--parts", "ppl"] + policies)
+
+
+def test_throughput_render(tmp_path, bench_module):
+    """throughput.md from results.jsonl: one table per run, refusals with their reason, and each
+    policy's best batch against the best dense batch."""
+    import json
+    tp = bench_module("throughput")
+    header = dict(model="llama3-8b", context=32768, budget_gib=24.0, steps=32, dtype="float16", gpu="G",
+                  torch="t", hbm_copy_gbps=1.0, pinned_h2d_gbps=2.0, weights_gib=15.0, command="python x")
+    ok = dict(status="ok", opts={}, step_ms=10.0, pcie_mb_per_step=0.0, pcie_floor_ms=0.0, peak_gpu_gib=20.0)
+    rows = [dict(ok, config="dense", batch=1, tok_s=100.0),
+            dict(config="dense", batch=2, status="refused", reason="dense needs 25.0 GiB"),
+            dict(ok, config="infinigen+reuse", opts={"reuse": 2.0}, batch=1, tok_s=90.0, hit_rate=0.5,
+                 fetched_fraction=0.05),
+            dict(ok, config="infinigen+reuse", opts={"reuse": 2.0}, batch=4, tok_s=330.0, hit_rate=0.6,
+                 fetched_fraction=0.05, compute_ms=9.0)]
+    (tmp_path / "results.jsonl").write_text(json.dumps(dict(header=header, rows=rows)) + "\n")
+    tp.render(tmp_path)
+    md = (tmp_path / "throughput.md").read_text()
+    assert "| dense | 2 | refused: dense needs 25.0 GiB |" in md
+    assert "| infinigen+reuse | 4 | 330.0 | 10.0 | 5.0% | 60.0% |" in md
+    assert "infinigen+reuse 330.0 tok/s at batch 4 (3.30x)" in md

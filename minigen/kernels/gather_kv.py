@@ -21,6 +21,11 @@ Grid (B * Hkv, cdiv(max_select, BLOCK_J)): program (b*Hkv + g, blk) owns rows
 after one 4-byte load, so the grid can be sized for max_select (shapes only: capturable) while
 the traffic follows the real counts.
 
+With a resident set (src, cache_k, cache_v from minigen/kernels/reuse.py: plan_reuse): entry j
+with src[b, g, j] >= 0 is read from cache_k/v[s, g, src] (HBM) instead of the pool, and an entry
+with src < 0 is read from the pool and also written to cache_k/v[s, g, -1 - src]. The rows
+returned are the same bits either way (the cache holds copies of pool rows); only misses cross PCIe.
+
 Cost per call (bytes; elem = pool element size, N_bg = count[b, g]):
     reads   sum_bg N_bg * D * elem * 2   over PCIe (K and V rows)
             + sum_bg N_bg * 4 (idx) + B*Hkv*4 (count) + B*4 (slot_idx)   from HBM
@@ -41,7 +46,7 @@ from minigen.kernels.launch import interpreting, output
 @triton.jit
 def _gather_kv_kernel(
     # pointers
-    K_pool, V_pool, Idx, Count, SlotIdx, Out_k, Out_v,
+    K_pool, V_pool, Idx, Count, SlotIdx, Out_k, Out_v, Src, Cache_k, Cache_v,
     # sizes
     num_kv_heads, max_select,
     # strides (elements; the head dim is contiguous everywhere)
@@ -51,8 +56,9 @@ def _gather_kv_kernel(
     stride_cb, stride_ch,
     stride_okb, stride_okh, stride_okj,
     stride_ovb, stride_ovh, stride_ovj,
+    stride_sb, stride_sh, stride_rs, stride_rh, stride_rc,
     # constexprs
-    HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, REUSE: tl.constexpr,
 ):
     # ---- which (sequence, kv head, block of selected rows): int64 before any stride multiply
     pid = tl.program_id(0).to(tl.int64)
@@ -79,8 +85,20 @@ def _gather_kv_kernel(
         # outstanding requests hide it). Masked rows issue no request at all.
         k_src = K_pool + slot * stride_kps + g * stride_kph + tok[:, None] * stride_kpt + offs_d[None, :]
         v_src = V_pool + slot * stride_vps + g * stride_vph + tok[:, None] * stride_vpt + offs_d[None, :]
-        k = tl.load(k_src, mask=mask)
-        v = tl.load(v_src, mask=mask)
+        if REUSE:   # hits come from the GPU cache, only misses cross PCIe (and then fill the cache)
+            s = tl.load(Src + b * stride_sb + g * stride_sh + offs_j, mask=j_mask, other=0)
+            hit = (s >= 0)[:, None]
+            crow = tl.where(s >= 0, s, -1 - s).to(tl.int64)
+            c_off = slot * stride_rs + g * stride_rh + crow[:, None] * stride_rc + offs_d[None, :]
+            k = tl.load(k_src, mask=mask & ~hit)
+            v = tl.load(v_src, mask=mask & ~hit)
+            k = tl.where(hit, tl.load(Cache_k + c_off, mask=mask & hit), k)
+            v = tl.where(hit, tl.load(Cache_v + c_off, mask=mask & hit), v)
+            tl.store(Cache_k + c_off, k, mask=mask & ~hit)
+            tl.store(Cache_v + c_off, v, mask=mask & ~hit)
+        else:
+            k = tl.load(k_src, mask=mask)
+            v = tl.load(v_src, mask=mask)
 
         # ---- write the rows to the dense (B, Hkv, max_select, D) buffers in HBM, unchanged bits
         rows = offs_j.to(tl.int64)[:, None]
@@ -123,12 +141,15 @@ def _check_devices(k_pool, v_pool, idx, count, slot_idx, out_k, out_v) -> None:
 
 
 def gather_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,
-              slot_idx: torch.Tensor, out_k: torch.Tensor | None = None,
-              out_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              slot_idx: torch.Tensor, out_k: torch.Tensor | None = None, out_v: torch.Tensor | None = None,
+              src: torch.Tensor | None = None, cache_k: torch.Tensor | None = None,
+              cache_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Copy the selected rows: pools (S, Hkv, Tcap, D) (pinned host or CUDA), idx (B, Hkv, N)
     int32 token indices, count (B, Hkv) int32 valid entries per row (1..N), slot_idx (B,) int32.
     Returns (k_sel, v_sel), each (B, Hkv, N, D) in the pools' dtype on idx's device; rows past
     count are left as they were (uninitialized when allocated here). No host syncs.
+    src (B, Hkv, N) int32 with cache_k/cache_v (S, Hkv, C, D) on idx's device: the resident set
+    (plan_reuse's plan; see the module docstring).
     """
     # ---- check shapes (metadata only: no device reads)
     S, Hkv, Tcap, D = k_pool.shape
@@ -150,6 +171,7 @@ def gather_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, idx: torch.Tensor, cou
     out_k = output(out_k, (B, Hkv, N, D), k_pool.dtype, idx.device, "gather_kv out_k")
     out_v = output(out_v, (B, Hkv, N, D), k_pool.dtype, idx.device, "gather_kv out_v")
     _check_devices(k_pool, v_pool, idx, count, slot_idx, out_k, out_v)
+    reuse = _check_reuse(src, cache_k, cache_v, idx, k_pool)
     if B * Hkv * N == 0:
         return out_k, out_v
     # ---- launch: (sequence x kv head, blocks of selected rows)
@@ -159,6 +181,7 @@ def gather_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, idx: torch.Tensor, cou
     grid = (B * Hkv, per_head)
     _gather_kv_kernel[grid](
         k_pool, v_pool, idx, count, slot_idx, out_k, out_v,
+        *((src, cache_k, cache_v) if reuse else (idx, out_k, out_v)),   # (placeholders without reuse)
         Hkv, N,
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
@@ -166,14 +189,37 @@ def gather_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, idx: torch.Tensor, cou
         count.stride(0), count.stride(1),
         out_k.stride(0), out_k.stride(1), out_k.stride(2),
         out_v.stride(0), out_v.stride(1), out_v.stride(2),
-        HEAD_DIM=D, **cfg,
+        *((src.stride(0), src.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2))
+          if reuse else (0,) * 5),
+        HEAD_DIM=D, REUSE=reuse, **cfg,
     )
     return out_k, out_v
 
 
+def _check_reuse(src, cache_k, cache_v, idx, k_pool) -> bool:
+    """Whether a resident set is given, checked: all three or none, shapes matching idx and the pool."""
+    given = [t is not None for t in (src, cache_k, cache_v)]
+    if not any(given):
+        return False
+    if not all(given):
+        raise ValueError("gather_kv: give src, cache_k and cache_v together (the resident set) or none of them")
+    S, Hkv, _, D = k_pool.shape
+    if src.shape != idx.shape or src.dtype != torch.int32 or src.stride(-1) != 1:
+        raise ValueError(f"gather_kv: src must be int32 {tuple(idx.shape)} like idx, got {src.dtype} {tuple(src.shape)}")
+    for name, c in (("cache_k", cache_k), ("cache_v", cache_v)):
+        if (c.dim() != 4 or c.shape[:2] != (S, Hkv) or c.shape[3] != D or c.dtype != k_pool.dtype
+                or c.stride(-1) != 1 or c.device != idx.device):
+            raise ValueError(f"gather_kv: {name} {tuple(c.shape)} {c.dtype} must be (S={S}, Hkv={Hkv}, C, D={D}) "
+                             f"{k_pool.dtype} on {idx.device}")
+    if cache_v.stride() != cache_k.stride():
+        raise ValueError("gather_kv: cache_k and cache_v must have the same strides")
+    return True
+
+
 def gather_kv_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,
-                  slot_idx: torch.Tensor, out_k: torch.Tensor | None = None,
-                  out_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  slot_idx: torch.Tensor, out_k: torch.Tensor | None = None, out_v: torch.Tensor | None = None,
+                  src: torch.Tensor | None = None, cache_k: torch.Tensor | None = None,
+                  cache_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch gather, same contract: rows j < count copied, rows past count untouched.
 
     Indexes on the pools' device (moving idx there is a sync when the pools are pinned host
@@ -190,7 +236,15 @@ def gather_kv_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, idx: torch.Tensor,
     slot = slot_idx.to(dev).long()[:, None, None]                                   # (B, 1, 1)
     head = torch.arange(Hkv, device=dev)[None, :, None]                             # (1, Hkv, 1)
     keep = valid.to(out_k.device)[..., None]                                        # (B, Hkv, N, 1)
-    for pool, out in ((k_pool, out_k), (v_pool, out_v)):
+    reuse = _check_reuse(src, cache_k, cache_v, idx, k_pool)
+    for pool, out, cache in ((k_pool, out_k, cache_k), (v_pool, out_v, cache_v)):
         rows = pool[slot, head, tok].to(out.device)                                  # (B, Hkv, N, D)
+        if reuse:   # hits read from the cache, misses written to it
+            s = torch.where(valid.to(src.device), src, 0).long()
+            crow, hit = torch.where(s >= 0, s, -1 - s), (s >= 0) & valid.to(src.device)
+            at = (slot.to(cache.device), head.to(cache.device), crow)
+            rows = torch.where(hit[..., None], cache[at], rows)
+            miss = valid.to(src.device) & ~hit
+            cache[at[0].expand_as(crow)[miss], at[1].expand_as(crow)[miss], crow[miss]] = rows[miss]
         out.copy_(torch.where(keep, rows, out))
     return out_k, out_v

@@ -14,6 +14,7 @@ from minigen.kernels.gather_kv import gather_kv, gather_kv_ref
 from minigen.kernels.layer_norm import layer_norm, layer_norm_ref
 from minigen.kernels.partial_qk import partial_qk, partial_qk_ref
 from minigen.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from minigen.kernels.reuse import plan_reuse, plan_reuse_ref
 from minigen.kernels.quant_kv import dequantize_kv, dequantize_kv_ref, quantize_kv, quantize_kv_ref
 from minigen.kernels.rms_norm import rms_norm, rms_norm_ref
 from minigen.kernels.rope import rope, rope_ref
@@ -46,7 +47,7 @@ def linear_row_invariant(x: torch.Tensor, mod: torch.nn.Linear) -> torch.Tensor:
 
 class Ops:
     __slots__ = ("use_triton", "linear", "rms_norm", "layer_norm", "rope", "swiglu", "prefill_attention",
-                 "decode_attention", "append_kv", "partial_qk", "select", "gather_kv", "sparse_attention",
+                 "decode_attention", "append_kv", "partial_qk", "select", "gather_kv", "plan_reuse", "sparse_attention",
                  "quantize_kv", "dequantize_kv")
 
     def __init__(self, use_triton: bool):
@@ -65,6 +66,7 @@ class Ops:
         self.partial_qk = partial_qk if t else partial_qk_ref
         self.select = select if t else select_ref
         self.gather_kv = gather_kv if t else gather_kv_ref
+        self.plan_reuse = plan_reuse if t else plan_reuse_ref
         self.sparse_attention = sparse_attention if t else sparse_attention_ref
         # int4
         self.quantize_kv = quantize_kv if t else quantize_kv_ref

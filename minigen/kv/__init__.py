@@ -26,7 +26,7 @@ POLICIES = ("dense", "offload", "infinigen", "h2o", "window", "int4")
 POLICY_OPTIONS = {
     "dense": (), "offload": ("fetch",), "int4": ("fetch", "group_size"),
     "infinigen": ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "cpu_kv_limit", "evict",
-                  "evict_window", "skew"),
+                  "evict_window", "skew", "reuse"),
     "h2o": ("budget", "dense_layers"),
     "window": ("budget", "sinks", "dense_layers"),
 }
@@ -53,6 +53,8 @@ _CHECKS = {
     "evict_window": _count(0),
     "sinks": _count(0),
     "group_size": _count(1),
+    "reuse": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and (v == 0 or 1 <= v <= 64),
+              "0 (off) or in [1, 64] (rows kept on the GPU per KV head, as a multiple of the selection cap)"),
     "fetch": (lambda v: v in FETCHES, f"one of {', '.join(FETCHES)}"),
 }
 

@@ -31,6 +31,11 @@ tokens per column, the token stride padded to 16 elements), a_sel (S, Hkv, D, R)
 selected columns, col_score (S, Hkv, D) fp32 the prompt's column sums behind them, plus
 double-buffered idx/count/K/V for the gathered rows.
 
+Reuse (reuse > 0, minigen/kv/reuse.py): a GPU-resident set of recently fetched rows per (pooled
+layer, slot, KV head); the gather reads the selected rows that are resident from there and fetches
+only the others over PCIe. The gathered rows, so the attention, are the same bits either way.
+The prompt's columns and partial keys: minigen/kv/partial_keys.py.
+
 Host-memory limit (cpu_kv_limit, paper section 5): the pool and pk then hold P < T rows per
 (layer, slot), indexed by row; minigen/kv/eviction.py says which rows a prompt keeps and which row
 each new token overwrites (RowEviction: counter and row_pos (Lp, S, P) on the GPU).
@@ -48,7 +53,9 @@ from minigen.config import ModelConfig
 from minigen.kernels.partial_qk import token_stride
 from minigen.kv.dense import DenseKV
 from minigen.kv.eviction import RowEviction, host_limit, pool_rows
+from minigen.kv.partial_keys import PrefillColumns
 from minigen.kv.pool import PooledKV
+from minigen.kv.reuse import ResidentRows
 
 # Defaults: each KV head's top 4.9% by speculated logit (under 5% read from 8K tokens on), no
 # threshold: at the same read that beat the artifact's alpha 5 / 4 on both real models (docs/design.md)
@@ -67,7 +74,7 @@ def default_partial_ratio(head_dim: int) -> float:
     return 0.5
 
 
-class InfiniGenKV(PooledKV):
+class InfiniGenKV(PrefillColumns, PooledKV):
     name = "infinigen"
     graph_safe = True     # the decode step reads only device tensors: capturable, streams and all
     # CUDA priority of the speculation and gather streams (lower = higher, main is 0): their kernels
@@ -77,7 +84,7 @@ class InfiniGenKV(PooledKV):
     def __init__(self, cfg: ModelConfig, *, project_q, dtype, device, ops, alpha: float | None = None,
                  budget: float = DEFAULT_BUDGET, partial_ratio: float | None = None, dense_layers: int = 2,
                  recent: int | None = None, skew=None, cpu_kv_limit: int | float | str | None = None,
-                 evict: str | None = None, evict_window: int = 64):
+                 evict: str | None = None, evict_window: int = 64, reuse: float = 0.0):
         """project_q(layer, x, positions) -> that layer's post-RoPE queries (N, H, D) for the
         residual stream x (N, C): the model's, handed in by the engine (speculation needs it)."""
         super().__init__(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device,
@@ -93,6 +100,7 @@ class InfiniGenKV(PooledKV):
         self.cpu_kv_limit, self.evict, self.evict_window = host_limit(cpu_kv_limit, evict, evict_window, recent)
         self.recent = recent if recent is not None else 0 if self.cpu_kv_limit is not None else DEFAULT_RECENT
         self.evictor: RowEviction | None = None   # set by allocate: a limit below the slot capacity
+        self.reuse_factor, self.reuse = reuse, None   # resident rows per head / cap (minigen/kv/reuse.py)
         self.R = max(1, int(cfg.head_dim * partial_ratio))
         self.group, self.project_q, self.pool_layers = cfg.group_size, project_q, cfg.num_layers - dense_layers
         self.dense = DenseKV(dense_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device,
@@ -131,6 +139,10 @@ class InfiniGenKV(PooledKV):
         self.sel_v = self._gpu((2, S, Hkv, self.max_select, D))
         self.idx = torch.zeros((2, S, Hkv, self.max_select), dtype=torch.int32, device=dev)
         self.count = torch.zeros((2, S, Hkv), dtype=torch.int32, device=dev)
+        if self.reuse_factor:
+            self.reuse = ResidentRows(self.reuse_factor, layers=Lp, slots=S, kv_heads=Hkv, rows=P, head_dim=D,
+                                      max_select=self.max_select, dtype=self.dtype, device=dev, ops=self.ops,
+                                      alloc=self._gpu)
         if self.is_cuda:
             self.side = torch.cuda.Stream(self.device, priority=self.side_priority)            # speculation
             self.gather_stream = torch.cuda.Stream(self.device, priority=self.side_priority)   # PCIe gathers
@@ -156,7 +168,11 @@ class InfiniGenKV(PooledKV):
         if meta.is_prefill:
             if self.evictor:
                 self.evictor.plan_prefill(meta)
+            if self.reuse:   # the pool rows of these sequences are written: their resident rows go
+                self.reuse.clear(list(meta.host_slots))
             return
+        if self.reuse:
+            self.reuse.next_step()
         # the same for every pooled layer of this step: built (and counted) once, not per layer
         self._n_valid = torch.clamp(meta.seq_lens - 1, max=self.rows)            # cached rows, all live
         # rows scored and rows a selection can hold: all on CUDA (fixed shapes for the graph); on the
@@ -211,9 +227,12 @@ class InfiniGenKV(PooledKV):
     def _gather(self, layer: int) -> None:
         """The layer's selected K/V rows from the pinned pool into sel_k/sel_v[layer % 2]."""
         meta, j, buf, B, M = self.meta, layer - self.dense_layers, layer % 2, self.meta.num_seqs, self._m
-        kp, vp = self.pool.heads(j)                                            # (S, Hkv, T, D) views
-        self.ops.gather_kv(kp, vp, self.idx[buf, :B, :, :M], self.count[buf, :B], meta.slot_idx,
-                           out_k=self.sel_k[buf, :B, :, :M], out_v=self.sel_v[buf, :B, :, :M])
+        args = (*self.pool.heads(j), self.idx[buf, :B, :, :M], self.count[buf, :B], meta.slot_idx)
+        out = dict(out_k=self.sel_k[buf, :B, :, :M], out_v=self.sel_v[buf, :B, :, :M])
+        if self.reuse:   # only the rows not already resident cross PCIe
+            self.reuse.gather(j, *args, **out)
+        else:
+            self.ops.gather_kv(*args, **out)
 
     # -- attention ------------------------------------------------------------------------------
     def attend(self, layer, q, k, v):
@@ -238,6 +257,8 @@ class InfiniGenKV(PooledKV):
         self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], meta.token_slot, rows)
         if self.evictor:
             self.evictor.took_rows(j, meta, rows)
+        if self.reuse:
+            self.reuse.written(j, meta.token_slot, rows)
         return out
 
     def warmup(self, on: bool) -> None:
@@ -250,6 +271,8 @@ class InfiniGenKV(PooledKV):
                 self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], slot, rows)
                 self.pk[j][slot, :, :, rows] = pk
         self._undo = [] if on and self.evictor else None
+        if not on and self.reuse and self.evictor:   # rows written back: no resident copy is trusted
+            self.reuse.clear()
         super().warmup(on)                           # counters, row positions, fetch counts
 
     def prefill_state(self, meta) -> list:
@@ -261,6 +284,7 @@ class InfiniGenKV(PooledKV):
 
     def warm_state(self) -> tuple:
         stats = (self._num_fetched, self._num_candidates)   # fetched_fraction counts real steps only
+        stats += (self.reuse.hits,) if self.reuse else ()
         return stats + (self.evictor.warm_state() if self.evictor else ())
 
     def _saved_rows(self, j: int, rows: torch.Tensor) -> tuple:
@@ -280,51 +304,6 @@ class InfiniGenKV(PooledKV):
             return self.meta.positions
         return self.evictor.victim_rows(j, self.meta)
 
-    def _prefill_partial_keys(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Pick each sequence's R skewed columns per KV head from every prompt token it has
-        prefilled so far (column sums of |skewed q| + |skewed k|, accumulated over prefill chunks,
-        so the choice does not depend on how the engine packed prompts into chunks: a prompt whose
-        first chunk held a few tokens is not stuck with columns chosen from those) and write the
-        partial keys of the new tokens. A chunk that continues a sequence may change its columns,
-        so when it ends the prompt (meta.host_done; every chunk when not given), the partial keys
-        of the earlier tokens are rewritten to the final columns, from the prefill staging buffer
-        that prefill attention has just filled with their keys (no extra transfer; once per
-        prompt; their rows are their positions: a continued sequence fits in the pool). Decode
-        reads partial keys only after the prompt is complete. Runs after the prefill attention."""
-        meta, j, G = self.meta, layer - self.dense_layers, self.group
-        A = self.skew[layer]                                                   # (Hkv, D, D)
-        start, pks = 0, []
-        done = meta.host_done or [True] * len(meta.host_slots)
-        for b, (slot, n0, n) in enumerate(zip(meta.host_slots, meta.host_start, meta.host_new)):
-            qs = q[start:start + n].float().view(n, self.num_kv_heads, G, -1)  # (n, Hkv, G, D)
-            ks = k[start:start + n].float()                                    # (n, Hkv, D)
-            score = self._column_score(torch.einsum("ngjd,gde->ngje", qs, A),  # skewed q, k
-                                       torch.einsum("ngd,gde->nge", ks, A))    # (Hkv, D)
-            if n0 == 0:                                                        # a new sequence
-                self.col_score[j, slot] = score
-            else:
-                self.col_score[j, slot] += score
-            sel = self.col_score[j, slot].topk(self.R, dim=-1).indices.sort(-1).values   # (Hkv, R)
-            self.a_sel[j, slot] = torch.gather(A, 2, sel[:, None, :].expand(-1, A.shape[1], -1)).to(self.dtype)
-            a_sel = self.a_sel[j, slot].float()                                # (Hkv, D, R)
-            if n0 and done[b]:                                                 # earlier tokens, final columns
-                prefix = torch.einsum("ngd,gdr->ngr", self.prefill_k[b, :n0].float(), a_sel)
-                self.pk[j, slot, :, :, :n0] = prefix.permute(1, 2, 0).to(self.dtype)
-            pk = torch.einsum("ngd,gdr->ngr", ks, a_sel)                       # (n, Hkv, R)
-            if self.evictor:
-                pks.append(pk)
-            else:
-                self.pk[j, slot, :, :, n0:n0 + n] = pk.permute(1, 2, 0).to(self.dtype)
-            start += n
-        if self.evictor:   # the kept tokens' partial keys, by row
-            plan = self.evictor.plan
-            self.pk[j][plan["slot"], :, :, plan["row"]] = torch.cat(pks)[plan["tok"]].to(self.dtype)
-
-    @staticmethod
-    def _column_score(q_sk: torch.Tensor, k_sk: torch.Tensor) -> torch.Tensor:
-        """What a skewed column carries over a chunk: sum |q| + sum |k|, (Hkv, D); the R largest win."""
-        return q_sk.abs().sum((0, 2)) + k_sk.abs().sum(0)
-
     def _prefill_attend_limited(self, j: int, q, k, v) -> torch.Tensor:
         """PooledKV.prefill_attend for a limited pool: attention over every token of the prompt
         (GPU staging of the full capacity), then only the planned tokens go to the pool rows.
@@ -338,7 +317,10 @@ class InfiniGenKV(PooledKV):
     def stats(self) -> dict:
         total = int(self._num_candidates.item())   # sync: stats are read after a run, not in a step
         fetched = int(self._num_fetched.item())    # sync: the same
-        return {"fetched_fraction": fetched / total if total else 0.0,
+        hits = int(self.reuse.hits.item()) if self.reuse else 0   # sync: the same
+        row = 2 * self.head_dim * self.dtype.itemsize                # K and V of one head
+        return {"fetched_fraction": fetched / total if total else 0.0, "pcie_bytes": (fetched - hits) * row,
+                **({"reuse_hit_rate": hits / fetched if fetched else 0.0} if self.reuse else {}),
                 "host_pool_gib": self.pool.nbytes / 2**30 if self.pool else 0.0,
                 "host_kv_tokens": self.rows if self.pool else 0}
 
@@ -346,4 +328,4 @@ class InfiniGenKV(PooledKV):
         super().close()
         self.dense.close()
         self.pk = self.a_sel = self.col_score = self.sel_k = self.sel_v = None
-        self.evictor = None
+        self.evictor = self.reuse = None
