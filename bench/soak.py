@@ -39,8 +39,11 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=4096)
     p.add_argument("--every", type=int, default=256)
     p.add_argument("--text", required=True)
+    p.add_argument("--gpu-memory", default=None, help="GPU memory budget (bytes, e.g. 24G, or a fraction): the run "
+                   "is planned against it and refused when it does not fit, the allocator held to it")
     args = p.parse_args(argv)
-    llm = LLM(args.model, policy=args.policy, device="cuda", max_seq_len=args.prompt_tokens + args.new_tokens + 1)
+    llm = LLM(args.model, policy=args.policy, device="cuda", max_seq_len=args.prompt_tokens + args.new_tokens + 1,
+              gpu_memory=args.gpu_memory, max_batch=args.batch)
     ids = llm.tokenizer.encode(Path(args.text).read_text(errors="replace"))
     prompts = [ids[i * 97:][: args.prompt_tokens] for i in range(args.batch)]
     eng = llm.get_engine(args.batch)
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
                  gpu_gib=round(torch.cuda.memory_allocated() / 2**30, 4))
     warm = samples[1:] if len(samples) > 1 else samples
     flat = {k: round(max(s[k] for s in warm) - min(s[k] for s in warm), 4) for k in ("gpu_gib", "rss_gib", "pinned_gib")}
-    print(json.dumps(dict(bench="soak", policy=args.policy, batch=args.batch, new_tokens=step,
+    print(json.dumps(dict(bench="soak", policy=args.policy, batch=args.batch, new_tokens=step, gpu_memory=llm.gpu_memory,
                           gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                           seconds=round(elapsed, 1), tok_s=round(args.batch * step / elapsed, 1), kv=stats,
                           growth_after_warmup=flat, samples=samples, before_close=before, after_close=after)))

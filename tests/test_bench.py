@@ -10,7 +10,7 @@ import pytest
 from minigen.eval.choice import load_tasks
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-IMPORTS = {"fidelity": ("decode",), "report": ("decode",), "throughput": ("decode",)}   # the bench modules a script imports by name
+IMPORTS = {"fidelity": ("decode",), "report": ("decode",), "throughput": ("decode",), "capacity": ("decode",)}   # the bench modules a script imports by name
 
 
 @pytest.fixture
@@ -113,3 +113,21 @@ def test_throughput_render(tmp_path, bench_module):
     assert "| dense | 2 | refused: dense needs 25.0 GiB |" in md
     assert "| infinigen+reuse | 4 | 330.0 | 10.0 | 5.0% | 60.0% |" in md
     assert "infinigen+reuse 330.0 tok/s at batch 4 (3.30x)" in md
+
+
+def test_capacity_arithmetic(bench_module):
+    """capacity.py: the batch is the smaller of the GPU cap (the memory plan) and the host cap (RAM
+    over the pool per sequence), and says which binds; infinigen moves its selection cap per step."""
+    import torch
+    from minigen.memory import most_slots
+    cap = bench_module("capacity")
+    cfg = bench_module("decode").shape_config("llama3-8b", 32768)[0]
+    rows = {r["config"]: r for r in cap.capacity(cfg, torch.float16, 32768, 24 * 2**30, 40 * 2**30,
+                                                 ["dense", "offload", "infinigen"])}
+    assert rows["dense"]["batch"] == most_slots(cfg, torch.float16, "dense", 24 * 2**30, 32768) >= 1
+    assert rows["dense"]["host_cap"] is None and rows["dense"]["binds"] == "GPU"
+    assert rows["offload"]["host_cap"] == 10 and rows["offload"]["binds"] == "host RAM"   # 4 GiB per sequence
+    inf = rows["infinigen"]
+    assert inf["batch"] == min(inf["gpu_cap"], inf["host_cap"]) and inf["batch"] > rows["dense"]["batch"]
+    # 30 pooled layers x 8 KV heads x ceil(0.049 x 32768) = 1606 rows x (K and V of 128 fp16)
+    assert inf["pcie_mb_per_seq_step"] == round(30 * 8 * 1606 * 512 / 1e6, 1)

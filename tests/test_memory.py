@@ -23,7 +23,7 @@ LLAMA = ModelConfig.from_hf(tiny_llama_config(num_hidden_layers=4, num_key_value
 OPT = ModelConfig.from_hf(tiny_opt_config(num_hidden_layers=3).to_dict())
 CASES = [("dense", {}), ("offload", {}), ("offload", {"fetch": "kernel"}), ("int4", {}), ("infinigen", {}),
          ("infinigen", {"cpu_kv_limit": 0.5, "recent": 0, "evict_window": 8}), ("infinigen", {"partial_ratio": 0.25, "dense_layers": 1}),
-         ("h2o", {}), ("window", {})]
+         ("infinigen", {"reuse": 2.0}), ("h2o", {}), ("window", {})]
 
 
 def allocated(cfg, policy, opts, slots, seq_len, dtype):
@@ -184,3 +184,28 @@ def test_the_allocator_is_held_to_the_budget():
     and an allocation past it fails (in a subprocess: the budget holds for the whole process)."""
     r = subprocess.run([sys.executable, "-c", GPU_CHECK], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_large_pinned_pool_says_so(monkeypatch, capsys):
+    """A pinned pool from PIN_NOTE_BYTES on announces the wait on stderr before it starts; a pool
+    that cannot be pinned (here: no CUDA) is refused in one line naming its size."""
+    import minigen.kv.pool as pool
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    monkeypatch.setattr(pool, "PIN_NOTE_BYTES", 0)
+    with pytest.raises(MemoryError, match=r"pinned host KV pool of 0\.0 GiB \(2 sequences x 16 tokens x 3 layers\)"):
+        pool.HostKVPool(3, 2, 16, 2, 8, dtype=torch.float16, pin=True)
+    assert "pinning 0.0 GiB of host memory for the KV pool (2 sequences x 16 tokens x 3 layers)" in capsys.readouterr().err
+    pool.HostKVPool(3, 2, 16, 2, 8, dtype=torch.float16, pin=False)      # unpinned: quiet
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("policy,opts", CASES)
+def test_a_plan_allocates_nothing(policy, opts):
+    """Planning 512 sequences of 32K tokens on the Llama-3-8B shape (hundreds of GiB of pool) takes
+    no memory: every tensor of the plan, host pool included, is on the meta device."""
+    big = ModelConfig.from_hf(dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                   max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=5e5))
+    gpu, host = policy_bytes(policy, big, torch.float16, 512, 32768, opts)
+    assert gpu + host > 100 * 2**30

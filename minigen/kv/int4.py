@@ -64,7 +64,8 @@ class Int4KV(OffloadKV):
     def allocate(self, num_slots: int, max_seq_len: int) -> None:
         L, S, T, Hkv, R = self.num_layers, num_slots, max_seq_len, self.num_kv_heads, self.record_bytes
         self._capacity, self._num_slots = max_seq_len, num_slots
-        self.pool = HostKVPool(L, S, T, Hkv, R, dtype=torch.uint8, pin=self.is_cuda)   # (L, S, T, Hkv, R) records
+        self.pool = HostKVPool(L, S, T, Hkv, R, dtype=torch.uint8, pin=self.is_cuda,   # (L, S, T, Hkv, R) records
+                               device=self.host_device)
         # zero-filled byte buffers: with fetch=copy stale rows get dequantized too (never read), and
         # garbage fp16 scales there would be NaN/inf
         self.stage_k = self._gpu((2, S, T, Hkv, R), torch.uint8, zero=True)   # packed, double buffer (copy stream)

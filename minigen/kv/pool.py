@@ -14,10 +14,16 @@ int4 pool every layer, so j == layer there; infinigen pools layers >= dense_laye
 """
 from __future__ import annotations
 
+import sys
+import time
+
 import torch
 
 from minigen.kernels.ops import Ops
 from minigen.kv.base import KVPolicy
+
+
+PIN_NOTE_BYTES = 4 * 2**30   # pools from this size say on stderr that pinning is under way
 
 
 class HostKVPool:
@@ -28,9 +34,19 @@ class HostKVPool:
                  *, dtype: torch.dtype, pin: bool, device: str = "cpu"):
         shape = (num_layers, num_slots, capacity, num_kv_heads, head_dim)
         nbytes = 2 * torch.Size(shape).numel() * dtype.itemsize
+        # pinning locks every page (about 2-10 GB/s): say so before a long wait, and when it is done
+        loud = pin and device == "cpu" and nbytes >= PIN_NOTE_BYTES
+        t0 = time.perf_counter()
+        if loud:
+            print(f"pinning {nbytes / 2**30:.1f} GiB of host memory for the KV pool ({num_slots} sequences x "
+                  f"{capacity} tokens x {num_layers} layers) ...", file=sys.stderr, flush=True)
         try:
             self.k = torch.empty(shape, dtype=dtype, pin_memory=pin, device=device)
+            if loud:
+                print(f"  K: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
             self.v = torch.empty(shape, dtype=dtype, pin_memory=pin, device=device)
+            if loud:
+                print(f"  K and V pinned in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         except (RuntimeError, MemoryError) as e:
             self.k = self.v = None
             raise MemoryError(
@@ -64,10 +80,15 @@ class PooledKV(KVPolicy):
     def capacity(self) -> int:
         return self._capacity
 
+    @property
+    def host_device(self) -> str:
+        """Where the pool goes: host memory, or the meta device when the policy is (a memory plan)."""
+        return "meta" if self.device.type == "meta" else "cpu"
+
     def _alloc_pool(self, num_slots: int, max_seq_len: int) -> None:
         self._capacity = max_seq_len
         self.pool = HostKVPool(self.pool_layers, num_slots, max_seq_len, self.num_kv_heads, self.head_dim,
-                               dtype=self.dtype, pin=self.is_cuda, device="meta" if self.device.type == "meta" else "cpu")
+                               dtype=self.dtype, pin=self.is_cuda, device=self.host_device)
         # prefill staging: one layer of the batch, (S, T, Hkv, D), rows indexed by batch row
         self.prefill_k = self.prefill_v = None
         self._num_slots = num_slots
