@@ -191,6 +191,8 @@ def turn(conv: Conversation, user: str, sp: SamplingParams, stats: bool) -> None
 def stats_line(conv: Conversation, n_new: int) -> str:
     st, kv = conv.engine.stats, conv.engine.kv.stats()
     fetched = f" | fetched {kv['fetched_fraction']:.1%} of KV" if "fetched_fraction" in kv else ""
+    if "reuse_hit_rate" in kv:   # the share of the fetched rows found resident on the GPU (--reuse)
+        fetched += f", {kv['reuse_hit_rate']:.0%} of it already on the GPU"
     return (f"[{n_new} new prompt tokens, {conv.seq.num_cached} in context | "
             f"first token {st.prefill_s * 1000:.0f} ms | {st.new_tokens} tokens, "
             f"{st.decode_tok_s:.1f} tok/s{fetched} | finish: {conv.seq.finish_reason or 'stopped'}]")

@@ -1,4 +1,5 @@
 """The chat CLI: one-shot answers, multi-turn KV reuse, Ctrl-C, and one-line errors."""
+import io
 import os
 import subprocess
 import sys
@@ -185,4 +186,16 @@ def test_unknown_command_is_not_a_model_turn(llm, capsys):
     conv = Conversation(llm, system=None)
     turn(conv, "/rest", GREEDY, stats=False)
     assert "unknown command /rest" in capsys.readouterr().err and conv.messages == []
+    conv.close()
+
+
+def test_stats_line_reports_reuse():
+    """--stats with --reuse: the fetched share and how much of it was already on the GPU."""
+    from minigen import LLM
+    llm = LLM(policy="infinigen", policy_opts={"reuse": 2.0})
+    conv = Conversation(llm, system=None)
+    conv.prepare("Tell me about the history of printing in three sentences.")
+    conv.reply(SamplingParams(max_new_tokens=12, temperature=0), out=io.StringIO())
+    line = stats_line(conv, 0)
+    assert "of KV, " in line and "already on the GPU" in line
     conv.close()
