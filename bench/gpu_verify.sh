@@ -2,6 +2,7 @@
 # GPU verification runs (on the device machine). Each step appends its benchmark JSON lines to
 # $OUT/<step>.jsonl; the default model must be staged first (bench/stage_model.sh put/join).
 #   bench/gpu_verify.sh tests | dense | 7b-offload | 7b-infinigen | 7b-32k | 7b-b8 | real | soak | qwen-put | qwen
+#                       | throughput | throughput-qwen | fig14
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
@@ -55,5 +56,18 @@ case "$step" in
   soak)
     cat data/essays/*.txt > /tmp/essays.txt
     python3 bench/soak.py --policy infinigen --batch 8 --new-tokens 4096 --text /tmp/essays.txt | tee -a "$log" ;;
-  *) echo "usage: $0 tests|dense|7b-offload|7b-infinigen|7b-32k|7b-b8|real|soak|qwen-put|qwen" >&2; exit 2 ;;
+  throughput)   # issue 17: tok/s against batch under a 24 GiB budget at 32K, then batch 1 at 128K
+    T="python3 bench/throughput.py --shape llama3-8b --gpu-memory 24G --out $OUT/throughput"
+    $T --context 32768 --batches 1,2,4,6 --steps 16
+    $T --context 131072 --batches 1 --steps 16 --configs dense,infinigen,infinigen+reuse ;;
+  throughput-qwen)   # the real 1.5B model on essays (after `qwen`): hit rates and tok/s at 32K
+    export MINIGEN_CACHE=$STAGE/cache
+    cat data/essays/*.txt > /tmp/essays.txt
+    python3 bench/throughput.py --model qwen2.5-coder-1.5b --text /tmp/essays.txt --dtype bfloat16 --context 32768 \
+      --gpu-memory 24G --batches 1,4,8 --steps 64 --configs dense,infinigen,infinigen+reuse --out "$OUT/throughput" ;;
+  fig14)        # issue 18: the artifact (carry bench/peers/artifact) and minigen at its figure-14 setting
+    python3 bench/peers/infinigen_artifact.py --artifact bench/peers/artifact --out "$OUT/peers/artifact.jsonl"
+    python3 bench/fig14.py --out "$OUT/peers/minigen.jsonl"
+    python3 bench/fig14.py --render "$OUT/peers/artifact.jsonl" "$OUT/peers/minigen.jsonl" | tee "$OUT/peers/fig14.md" ;;
+  *) echo "usage: $0 tests|dense|7b-offload|7b-infinigen|7b-32k|7b-b8|real|soak|qwen-put|qwen|throughput|throughput-qwen|fig14" >&2; exit 2 ;;
 esac

@@ -57,7 +57,8 @@ def pcie_bytes(kv, policy: str, batch: int, context: int, cfg, elem: int, rows: 
 
 
 def prepare(model, policy, opts, bmax, context, steps, text_ids):
-    """An engine for bmax sequences of `context` tokens: random K/V, or real windows prefilled."""
+    """An engine for bmax sequences of `context` tokens: random K/V, or real windows prefilled; and
+    the first decode tokens (the prefill's greedy ones for real text, else None)."""
     from minigen.engine import Engine
     eng = Engine(model, D._NoTokenizer(), policy=policy, max_batch=bmax, max_seq_len=context + steps + 8,
                  max_prefill_tokens=16384, policy_opts=opts)
@@ -66,21 +67,22 @@ def prepare(model, policy, opts, bmax, context, steps, text_ids):
         D.fill_cache(eng.kv)
         for s in seqs:
             s.cached_ids = [0] * context
+        return eng, seqs, None
     else:
         stride = max(1, (len(text_ids) - context) // max(1, bmax - 1))
         seqs = [eng.new_sequence(text_ids[(b * stride) % (len(text_ids) - context + 1):][:context]) for b in range(bmax)]
-        eng.prefill(seqs)
-    return eng, seqs
+        first = eng.prefill(seqs).argmax(-1)
+    return eng, seqs, first
 
 
-def time_batch(eng, seqs, steps: int, greedy: bool) -> dict:
+def time_batch(eng, seqs, steps: int, greedy: bool, first: torch.Tensor | None = None) -> dict:
     """Decode steps of these sequences: ms per step (sampling included), rows selected and resident."""
     from minigen.sampler import SamplingParams, sample_no_sync
     sp = SamplingParams(temperature=0 if greedy else 1.0, top_p=1.0)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=eng.device).manual_seed(0)
     g = eng._decode_graph(seqs)                 # captured here (its warm-up undone)
     start = (g.positions.clone(), g.seq_lens.clone(), list(g.host_start))
-    tok = g.tokens.random_(0, eng.model.config.vocab_size).clone()
+    tok = first[:len(seqs)].clone() if first is not None else g.tokens.random_(0, eng.model.config.vocab_size).clone()
 
     def run(n):
         nonlocal tok
@@ -129,14 +131,14 @@ def run_config(model, label, cfg, dtype, budget, batches, context, steps, text_i
     elem = dtype.itemsize
     t0 = time.perf_counter()
     try:
-        eng, seqs = prepare(model, policy, opts, bmax, context, steps, text_ids)
+        eng, seqs, first = prepare(model, policy, opts, bmax, context, steps, text_ids)
     except torch.OutOfMemoryError as e:
         return rows + [dict(config=label, batch=bmax, status="oom", reason=str(e).splitlines()[0])]
     print(f"  {label}: engine for {bmax} x {context} tokens in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     torch.cuda.reset_peak_memory_stats()
     out = []
     for b, p in fits:
-        r = time_batch(eng, seqs[:b], steps, greedy=text_ids is not None)
+        r = time_batch(eng, seqs[:b], steps, greedy=text_ids is not None, first=first)
         missed = r["selected"] - r["hits"]
         moved = pcie_bytes(eng.kv, policy, b, context, model.config, elem, missed)
         row = dict(config=label, policy=policy, opts=D.jsonable(opts), batch=b, status="ok",

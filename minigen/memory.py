@@ -175,7 +175,9 @@ def check(p: MemoryPlan, budget: int | None, cfg: ModelConfig, dtype: torch.dtyp
         if n:
             ways.append(f"at most {n} sequence{'s' if n > 1 else ''}")
         elif p.weights + activation_bytes(cfg, dtype, 1, 1) > budget:
-            ways.append(f"a smaller model or dtype (the weights alone take {gib(p.weights)})")
+            alone = p.weights + activation_bytes(cfg, dtype, 1, 1)
+            ways.append(f"a smaller model or dtype (the weights alone take {gib(p.weights)}" +
+                        (f", with the workspaces of one short sequence {gib(alone)})" if p.weights <= budget else ")"))
         else:
             ways.append("a shorter --max-seq-len")
         raise MemoryBudgetError(f"{p.describe()}; the budget is {gib(budget)}: {', or '.join(ways)}")
