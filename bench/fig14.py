@@ -44,6 +44,7 @@ def run(model, label: str, bsz: int, prompt_len: int, gen_len: int) -> dict:
     from minigen.engine import Engine
     from minigen.sampler import SamplingParams
     policy, opts, _ = CONFIGS[label]
+    torch.cuda.reset_peak_memory_stats()
     eng = Engine(model, D._NoTokenizer(), policy=policy, max_batch=bsz, max_seq_len=prompt_len + gen_len + 8,
                  max_prefill_tokens=16384, policy_opts=opts)
     gen = torch.Generator().manual_seed(0)
@@ -78,9 +79,12 @@ def run(model, label: str, bsz: int, prompt_len: int, gen_len: int) -> dict:
 def render(artifact_file: Path, minigen_file: Path) -> str:
     """The side-by-side table (Markdown) from the two JSON-lines files of one GPU run (the artifact's
     harness, bench/peers/infinigen_artifact.py, and this script)."""
+    # the last run of each file: the artifact's last row per scheme, minigen's rows after its last header
     art = {r["scheme"]: r for r in map(json.loads, artifact_file.read_text().splitlines()) if r.get("system") == "artifact"}
-    mg = [r for r in map(json.loads, minigen_file.read_text().splitlines()) if r.get("system") == "minigen"]
-    head = next((r for r in map(json.loads, minigen_file.read_text().splitlines()) if "header" in r), {}).get("header", {})
+    lines = [json.loads(x) for x in minigen_file.read_text().splitlines() if x.strip()]
+    last = max((i for i, r in enumerate(lines) if "header" in r), default=-1)
+    head = lines[last]["header"] if last >= 0 else {}
+    mg = [r for r in lines[last + 1:] if r.get("system") == "minigen"]
     md = ["# InfiniGen's artifact and minigen at the figure-14 setting", "",
           f"{head.get('gpu', '?')}; torch {head.get('torch', '?')}; pinned H2D {head.get('pinned_h2d_gbps', '?')} GB/s, "
           f"HBM copy {head.get('hbm_copy_gbps', '?')} GB/s (measured in minigen's run). OPT-13B shape, fp16, batch 20, "

@@ -39,6 +39,9 @@ CONFIGS = {   # label -> (policy, options)
 }
 
 
+PREFILL_TOKENS = 16384   # the engine's prefill chunk, which the memory plan sizes activations for
+
+
 def counters(kv) -> tuple[int, int]:
     """(rows selected, rows found resident) so far, for infinigen; (0, 0) otherwise (syncs)."""
     if not hasattr(kv, "_num_fetched"):
@@ -61,7 +64,7 @@ def prepare(model, policy, opts, bmax, context, steps, text_ids):
     the first decode tokens (the prefill's greedy ones for real text, else None)."""
     from minigen.engine import Engine
     eng = Engine(model, D._NoTokenizer(), policy=policy, max_batch=bmax, max_seq_len=context + steps + 8,
-                 max_prefill_tokens=16384, policy_opts=opts)
+                 max_prefill_tokens=PREFILL_TOKENS, policy_opts=opts)
     if text_ids is None:
         seqs = [eng.new_sequence([]) for _ in range(bmax)]
         D.fill_cache(eng.kv)
@@ -118,7 +121,7 @@ def run_config(model, label, cfg, dtype, budget, batches, context, steps, text_i
     policy, opts = CONFIGS[label]
     rows, fits = [], []
     for b in batches:
-        p = plan(cfg, dtype, policy, b, context + steps + 8, opts)
+        p = plan(cfg, dtype, policy, b, context + steps + 8, opts, prefill_tokens=PREFILL_TOKENS)
         try:
             check(p, budget, cfg, dtype, opts)
             fits.append((b, p))

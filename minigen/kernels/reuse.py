@@ -22,7 +22,7 @@ are). Then gather_kv(..., src, cache) reads hits from the cache and misses from 
 writes the misses into the cache: the gathered rows are the pool's, bit for bit.
 
 Grid (B * Hkv,): one program per head; its cache rows are sorted in registers (bitonic tl.sort of
-next_pow2(C) int32 keys), so C up to a few thousand rows per head. Sync-free and graph-capturable:
+next_pow2(C) int32 keys), so C at most MAX_CACHE_ROWS (8192) per head. Sync-free and graph-capturable:
 `step` and `hits` are device scalars.
 
 Cost per call: reads B*Hkv*(4n (idx) + 4n (loc) + 8C (stamp, tag)) bytes, writes about as much;
@@ -35,6 +35,10 @@ import triton
 import triton.language as tl
 
 from minigen.kernels.launch import interpreting, output
+
+
+# The most cache rows per head one program sorts (8192 int32 keys over 16 warps: 16 per thread)
+MAX_CACHE_ROWS = 8192
 
 
 def age_cap(block_c: int) -> int:
@@ -108,6 +112,8 @@ def _check(idx, count, slot_idx, loc, tag, stamp, step, hits) -> tuple[int, int,
                          f"the same slots and Hkv={Hkv}")
     if C < M:
         raise ValueError(f"plan_reuse: {C} cache rows per head cannot hold a selection of {M}")
+    if C > MAX_CACHE_ROWS:
+        raise ValueError(f"plan_reuse: {C} cache rows per head, more than the {MAX_CACHE_ROWS} one program sorts")
     if count.shape != (B, Hkv) or slot_idx.shape != (B,) or step.numel() != 1 or hits.numel() != 1:
         raise ValueError("plan_reuse: count must be (B, Hkv), slot_idx (B,), step and hits one element")
     for name, t in (("idx", idx), ("count", count), ("slot_idx", slot_idx), ("loc", loc), ("tag", tag),

@@ -124,6 +124,8 @@ class InfiniGenKV(PrefillColumns, PooledKV):
         self.whole_prompt_over = P if P < max_seq_len else None
         self._alloc_pool(num_slots, P)
         self._capacity = max_seq_len       # tokens a sequence may reach (the pool keeps P of them)
+        self.prefill_k = self._gpu((num_slots, max_seq_len, self.num_kv_heads, self.head_dim))   # prefill staging
+        self.prefill_v = self._gpu(self.prefill_k.shape)
         Lp, S, Hkv, D, R, dev = self.pool_layers, num_slots, self.num_kv_heads, self.head_dim, self.R, self.device
         # partial key cache, by row, token-minor; a token stride of a multiple of 16 elements keeps
         # every column's run 16-byte aligned for partial_qk's vector loads
@@ -271,7 +273,7 @@ class InfiniGenKV(PrefillColumns, PooledKV):
                 self.ops.append_kv(k, v, self.pool.k[j], self.pool.v[j], slot, rows)
                 self.pk[j][slot, :, :, rows] = pk
         self._undo = [] if on and self.evictor else None
-        if not on and self.reuse and self.evictor:   # rows written back: no resident copy is trusted
+        if not on and self.reuse:   # the warm-up's fetches are not counted, nor are its resident rows kept
             self.reuse.clear()
         super().warmup(on)                           # counters, row positions, fetch counts
 

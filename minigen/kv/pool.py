@@ -89,7 +89,8 @@ class PooledKV(KVPolicy):
         self._capacity = max_seq_len
         self.pool = HostKVPool(self.pool_layers, num_slots, max_seq_len, self.num_kv_heads, self.head_dim,
                                dtype=self.dtype, pin=self.is_cuda, device=self.host_device)
-        # prefill staging: one layer of the batch, (S, T, Hkv, D), rows indexed by batch row
+        # prefill staging, one layer of the batch (S, T, Hkv, D), rows indexed by batch row: each
+        # policy allocates it in `allocate` (so a memory plan counts it)
         self.prefill_k = self.prefill_v = None
         self._num_slots = num_slots
 
@@ -121,9 +122,6 @@ class PooledKV(KVPolicy):
         """Causal prefill attention for a pooled layer: each sequence's earlier tokens (the first
         host_start pool rows) come back to a GPU staging buffer, the new tokens are added there."""
         meta, ops = self.meta, self.ops
-        if self.prefill_k is None:
-            self.prefill_k = self._gpu((self._num_slots, self._capacity, self.num_kv_heads, self.head_dim))
-            self.prefill_v = self._gpu(self.prefill_k.shape)
         sk, sv = self.prefill_k, self.prefill_v                              # (S, T, Hkv, D)
         self._restore_prefix(pool_layer)
         sk[self._prefill_rows, meta.positions] = k

@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from minigen.kernels.reuse import MAX_CACHE_ROWS
+
 
 class ResidentRows:
     """The resident set of every pooled layer: loc (Lp, S, Hkv, T), tag and stamp (Lp, S, Hkv, C)
@@ -30,7 +32,11 @@ class ResidentRows:
     def __init__(self, factor: float, *, layers: int, slots: int, kv_heads: int, rows: int, max_select: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device, ops, alloc):
         self.ops = ops
-        self.cache_rows = C = min(rows, max(max_select, math.ceil(factor * max_select)))
+        if max_select > MAX_CACHE_ROWS:
+            raise ValueError(f"--reuse: the selection cap of {max_select} rows per KV head is more than the "
+                             f"{MAX_CACHE_ROWS} a resident set holds; lower --budget or --max-seq-len, or leave --reuse out")
+        # F x the cap, at most the pool's rows and MAX_CACHE_ROWS (never below the cap)
+        self.cache_rows = C = max(max_select, min(rows, MAX_CACHE_ROWS, math.ceil(factor * max_select)))
         i32 = dict(dtype=torch.int32, device=device)
         self.loc = torch.full((layers, slots, kv_heads, rows), -1, **i32)
         self.tag = torch.full((layers, slots, kv_heads, C), -1, **i32)

@@ -128,3 +128,31 @@ def test_reuse_on_cuda_graphs_equals_without():
         want, _ = greedy(m, "infinigen", PROMPTS, **SPARSE, **extra)
         got, eng = greedy(m, "infinigen", PROMPTS, reuse=2.0, **SPARSE, **extra)
         assert got == want and _hit_rate(eng) > 0
+
+
+def test_warmup_before_capture_leaves_no_resident_rows(model):
+    """The engine's warm-up steps before a CUDA-graph capture (emulated here on the CPU, as _capture
+    runs them) fetch rows whose fetches are not counted: the resident set they filled must go, or
+    the next steps report hits (and PCIe bytes) that a run without warm-up does not."""
+    def run(warm: bool):
+        eng = Engine(model, IdTokenizer(), policy="infinigen", max_batch=2, max_seq_len=T,
+                     policy_opts=dict(SPARSE, reuse=2.0))
+        seqs = [eng.new_sequence(p) for p in PROMPTS[:2]]
+        eng.prefill(seqs)
+        g = eng._decode_graph(seqs)
+        if warm:
+            saved = (g.positions.clone(), g.seq_lens.clone(), list(g.host_start))
+            eng.kv.warmup(True)
+            for _ in range(2):
+                eng._decode_forward(g)
+            eng.kv.warmup(False)
+            g.positions.copy_(saved[0]), g.seq_lens.copy_(saved[1])
+            g.host_start = saved[2]
+        out = []
+        for t in range(4):
+            g.tokens.copy_(torch.tensor([5 + t, 9 + t]))
+            out.append(eng.decode_step(g).clone())
+        return torch.stack(out), eng.kv.stats()
+    (want, st0), (got, st1) = run(False), run(True)
+    assert torch.equal(got, want)
+    assert st1["reuse_hit_rate"] == st0["reuse_hit_rate"] and st1["pcie_bytes"] == st0["pcie_bytes"]
