@@ -70,7 +70,7 @@ def render(runs: list[dict]) -> str:
     md = ["# What fits: the memory plan by policy", "",
           "From `bench/capacity.py` (minigen's memory plan: allocation sizes, not measurements). batch = the most "
           "sequences under both the GPU budget and the host RAM limit; PCIe MB per sequence and step: infinigen at "
-          "its selection cap with no row resident (reuse divides it by 1 / (1 - hit rate)).", ""]
+          "its selection cap with no row resident (with --reuse, times 1 - the hit rate).", ""]
     for r in runs:
         h = r["header"]
         md += [f"## {h['model']}, {h['context']} tokens, GPU budget {h['budget_gib']} GiB, host RAM {h['host_ram_gib']} GiB",
