@@ -342,6 +342,27 @@ def measure_minigen(model, *, policy: str, batch: int, context: int, steps: int,
     return m
 
 
+def timed_generate(eng, warm: list[list[int]], prompts: list[list[int]], sp) -> tuple[list, float, float]:
+    """A warm-up generation of `warm` (kernel compilation and the batch's CUDA-graph capture happen
+    there, not in the timed run: a batch size's decode graph is reused across generate calls), then
+    `prompts` generated with sp: (their sequences, seconds to the first token, seconds for the rest)."""
+    from minigen.sampler import SamplingParams
+    ws = [eng.new_sequence(p) for p in warm]
+    for _ in eng.generate(ws, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)):
+        pass
+    for s in ws:
+        eng.release(s)
+    seqs = [eng.new_sequence(p) for p in prompts]
+    torch.cuda.synchronize()
+    t0, first = time.perf_counter(), None
+    for _ in eng.generate(seqs, sp):
+        if first is None:
+            torch.cuda.synchronize()
+            first = time.perf_counter()
+    torch.cuda.synchronize()
+    return seqs, first - t0, time.perf_counter() - first
+
+
 def time_real_text(model, tokenizer, *, policy: str, batch: int, context: int, steps: int, text: str,
                    opts: dict | None = None) -> dict:
     """Real prefill of `batch` windows of `context` tokens of text, then `steps` greedy tokens
@@ -355,25 +376,11 @@ def time_real_text(model, tokenizer, *, policy: str, batch: int, context: int, s
     torch.cuda.reset_peak_memory_stats()
     eng = Engine(model, tokenizer, policy=policy, max_batch=batch, max_seq_len=context + steps + 1,
                  max_prefill_tokens=16384, policy_opts=opts)
-    # warm-up on short prompts: kernel compilation and the batch's CUDA-graph capture happen here,
-    # not inside the timed run (the decode graph of a batch size is reused across generate calls)
-    warm = [eng.new_sequence(ids[b: b + 64]) for b in range(batch)]
-    for _ in eng.generate(warm, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)):
-        pass
-    for s in warm:
-        eng.release(s)
-    seqs = [eng.new_sequence(ids[(b * stride) % (len(ids) - context + 1):][:context]) for b in range(batch)]
-    t0 = time.perf_counter()
     sp = SamplingParams(max_new_tokens=steps, temperature=0, ignore_eos=True)
-    first = None
-    for _ in eng.generate(seqs, sp):
-        if first is None:
-            torch.cuda.synchronize()
-            first = time.perf_counter()
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    res = dict(prefill_s=round(first - t0, 3), decode_tok_s=round(batch * (steps - 1) / (t1 - first), 1),
-               decode_ms_per_step=round((t1 - first) * 1000 / (steps - 1), 3),
+    _, prefill_s, decode_s = timed_generate(eng, [ids[b: b + 64] for b in range(batch)],
+                                            [ids[(b * stride) % (len(ids) - context + 1):][:context] for b in range(batch)], sp)
+    res = dict(prefill_s=round(prefill_s, 3), decode_tok_s=round(batch * (steps - 1) / decode_s, 1),
+               decode_ms_per_step=round(decode_s * 1000 / (steps - 1), 3),
                peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), **eng.kv.stats())
     eng.close()
     return res

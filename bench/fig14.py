@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -50,22 +49,10 @@ def run(model, label: str, bsz: int, prompt_len: int, gen_len: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     sp = SamplingParams(max_new_tokens=gen_len, temperature=0, ignore_eos=True)
-    warm = [eng.new_sequence(torch.randint(4, vocab, (64,), generator=gen).tolist()) for _ in range(bsz)]
-    for _ in eng.generate(warm, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)):
-        pass
-    for s in warm:
-        eng.release(s)
-    seqs = [eng.new_sequence(torch.randint(4, vocab, (prompt_len,), generator=gen).tolist()) for _ in range(bsz)]
-    torch.cuda.synchronize()
-    t0, first = time.perf_counter(), None
-    for _ in eng.generate(seqs, sp):
-        if first is None:
-            torch.cuda.synchronize()
-            first = time.perf_counter()
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
+    seqs, prefill, decode = D.timed_generate(
+        eng, [torch.randint(4, vocab, (64,), generator=gen).tolist() for _ in range(bsz)],
+        [torch.randint(4, vocab, (prompt_len,), generator=gen).tolist() for _ in range(bsz)], sp)
     assert all(len(s.output_ids) == gen_len for s in seqs)
-    prefill, decode = first - t0, t1 - first
     row = dict(system="minigen", config=label, policy=policy, opts=D.jsonable(opts), against=CONFIGS[label][2],
                bsz=bsz, prompt_len=prompt_len, gen_len=gen_len, total_s=round(prefill + decode, 3),
                prefill_s=round(prefill, 3), decode_s=round(decode, 3), tok_s=round(bsz * gen_len / (prefill + decode), 2),
