@@ -32,7 +32,7 @@ def add_model_args(p: argparse.ArgumentParser, default_policy: str = "dense") ->
                         "Llama and 4 for OPT)")
     g.add_argument("--budget", type=float, default=None,
                    help="fraction of the context per KV head: infinigen's cap (default 0.049, at most 5%% read), "
-                        "the tokens h2o and window keep (default 0.2)")
+                        "the tokens h2o, window and quest keep (default 0.2)")
     g.add_argument("--partial-ratio", type=float, default=None,
                    help="skewed columns kept per head, as a fraction of D (default 0.5)")
     g.add_argument("--dense-layers", type=int, default=None, help="first layers kept dense on the GPU (default 2)")
@@ -49,6 +49,7 @@ def add_model_args(p: argparse.ArgumentParser, default_policy: str = "dense") ->
                    help="keep recently fetched K/V rows on the GPU, reuse x the selection cap per KV head (e.g. 4), "
                         "and fetch only the selected rows not already there (default 0: off)")
     g.add_argument("--sinks", type=int, default=None, help="window policy: first tokens always kept (default 4)")
+    g.add_argument("--page-size", type=int, default=None, help="quest policy: tokens per page (default 16)")
     g.add_argument("--fetch", choices=FETCHES, default=None,
                    help="offload / int4: how the host pool reaches the GPU each step: the copy engine (an eager "
                         "step; offload's default) or the gather_kv kernel (a CUDA-graph step; int4's default on CUDA)")
@@ -57,7 +58,7 @@ def add_model_args(p: argparse.ArgumentParser, default_policy: str = "dense") ->
 
 # the policy settings that have a command-line flag, and which of them each policy takes
 FLAGS = ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "cpu_kv_limit", "evict", "sinks", "fetch",
-         "skew", "reuse")
+         "skew", "reuse", "page_size")
 POLICY_FLAGS = {p: tuple(o for o in opts if o in FLAGS) for p, opts in POLICY_OPTIONS.items()} | {"auto": ()}
 
 

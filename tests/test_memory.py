@@ -23,7 +23,7 @@ LLAMA = ModelConfig.from_hf(tiny_llama_config(num_hidden_layers=4, num_key_value
 OPT = ModelConfig.from_hf(tiny_opt_config(num_hidden_layers=3).to_dict())
 CASES = [("dense", {}), ("offload", {}), ("offload", {"fetch": "kernel"}), ("int4", {}), ("infinigen", {}),
          ("infinigen", {"cpu_kv_limit": 0.5, "recent": 0, "evict_window": 8}), ("infinigen", {"partial_ratio": 0.25, "dense_layers": 1}),
-         ("infinigen", {"reuse": 2.0}), ("h2o", {}), ("window", {})]
+         ("infinigen", {"reuse": 2.0}), ("h2o", {}), ("window", {}), ("quest", {"page_size": 8})]
 
 
 def allocated(cfg, policy, opts, slots, seq_len, dtype):

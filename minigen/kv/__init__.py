@@ -7,6 +7,7 @@ has the interface), and `make_policy`, the registry the engine and the CLIs buil
     infinigen  host pool; only the speculated tokens fetched each step              infinigen.py (skew.py,
                                                                                     eviction.py)
     h2o        heavy hitters + recent tokens (on the GPU, the baseline's accuracy)  h2o.py (budget.py)
+    quest      pages with the largest key-bound logit + the newest page (the same)  quest.py (budget.py)
     window     attention sinks + recent tokens                                      window.py (budget.py)
 """
 from __future__ import annotations
@@ -19,15 +20,17 @@ from minigen.kv.h2o import H2OKV
 from minigen.kv.infinigen import InfiniGenKV
 from minigen.kv.int4 import Int4KV
 from minigen.kv.offload import FETCHES, OffloadKV
+from minigen.kv.quest import QuestKV
 from minigen.kv.window import WindowKV
 
-POLICIES = ("dense", "offload", "infinigen", "h2o", "window", "int4")
+POLICIES = ("dense", "offload", "infinigen", "h2o", "window", "int4", "quest")
 # the settings each policy takes (LLM(policy_opts=...), the command lines' policy flags)
 POLICY_OPTIONS = {
     "dense": (), "offload": ("fetch",), "int4": ("fetch", "group_size"),
     "infinigen": ("alpha", "budget", "partial_ratio", "dense_layers", "recent", "cpu_kv_limit", "evict",
                   "evict_window", "skew", "reuse"),
     "h2o": ("budget", "dense_layers"),
+    "quest": ("budget", "dense_layers", "page_size"),
     "window": ("budget", "sinks", "dense_layers"),
 }
 
@@ -53,6 +56,7 @@ _CHECKS = {
     "evict_window": _count(0),
     "sinks": _count(0),
     "group_size": _count(1),
+    "page_size": _count(1),
     "reuse": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and (v == 0 or 1 <= v <= 64),
               "0 (off) or in [1, 64] (rows kept on the GPU per KV head, as a multiple of the selection cap)"),
     "fetch": (lambda v: v in FETCHES, f"one of {', '.join(FETCHES)}"),
@@ -84,8 +88,8 @@ def make_policy(name: str, cfg: ModelConfig, *, ops, device, dtype, project_q=No
     common = dict(dtype=dtype, device=device, ops=ops)
     if name == "infinigen":
         return InfiniGenKV(cfg, project_q=project_q, **common, **opts)
-    if name in ("h2o", "window"):
-        return (H2OKV if name == "h2o" else WindowKV)(cfg, **common, **opts)
+    if name in ("h2o", "window", "quest"):
+        return {"h2o": H2OKV, "window": WindowKV, "quest": QuestKV}[name](cfg, **common, **opts)
     if name == "int4":
         return Int4KV(cfg, **common, **opts)
     shape = dict(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,

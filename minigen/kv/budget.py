@@ -1,4 +1,4 @@
-"""What the `h2o` and `window` policies share (minigen/kv/h2o.py, window.py), the sparse-attention
+"""What the `h2o`, `window` and `quest` policies share (minigen/kv/h2o.py, window.py, quest.py), the sparse-attention
 baselines InfiniGen is compared against on the same axis: a budget, the fraction of a sequence's
 cached tokens each KV head attends to.
 
@@ -81,7 +81,7 @@ class BudgetKV(KVPolicy):
         # the same for every sparse layer of this step: built once
         B, Hkv = meta.num_seqs, self.num_kv_heads
         n = meta.seq_lens.long() - 1                                  # (B,) cached before this token
-        k = kept_count_no_sync(n, self.budget)                        # (B,)
+        k = self._kept(n)                                             # (B,)
         self.count[:B].copy_(k[:, None].expand(B, Hkv))
         self._num_kept += k.sum() * (Hkv * self.sparse_layers)
         self._num_cached += n.sum() * (Hkv * self.sparse_layers)
@@ -96,7 +96,7 @@ class BudgetKV(KVPolicy):
             return out
         B, j = q.shape[0], layer - self.dense_layers
         kc, vc = self.dense.store(layer, k, v)                              # the cache stays whole
-        idx, count = self._kept_idx(j, B), self.count[:B]                   # (B, Hkv, M), (B, Hkv)
+        idx, count = self._kept_idx(j, B, q), self.count[:B]                # (B, Hkv, M), (B, Hkv)
         sel_k, sel_v = self.ops.gather_kv(kc, vc, idx, count, meta.slot_idx,
                                           out_k=self.sel_k[:B], out_v=self.sel_v[:B])
         out = self.ops.sparse_attention(q, sel_k, sel_v, count, k, v, self.sm_scale)
@@ -104,10 +104,16 @@ class BudgetKV(KVPolicy):
         return out
 
     # subclass hooks
+    def _kept(self, n: torch.Tensor) -> torch.Tensor:
+        """Tokens each sequence attends to out of n (B,) int64 cached ones: the budget's count."""
+        return kept_count_no_sync(n, self.budget)
+
     def _plan(self, n: torch.Tensor, k: torch.Tensor) -> None:
         """Per-step state from n, k (B,) int64 (decode, in begin)."""
 
-    def _kept_idx(self, j: int, B: int) -> torch.Tensor:
+    def _kept_idx(self, j: int, B: int, q: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, M) token indices sparse layer j attends to (the first count of them), given the
+        step's queries q (B, H, D)."""
         raise NotImplementedError
 
     def _decoded(self, j, q, k, idx, sel_k) -> None:

@@ -74,7 +74,7 @@ class H2OKV(BudgetKV):
         self._rd, self._wr = n % RING, (n + 1) % RING
         self.last_pos[self.meta.token_slot] = self.meta.positions
 
-    def _kept_idx(self, j, B):
+    def _kept_idx(self, j, B, q):
         return self.ring_idx[j][self._slots, self._rd]                         # (B, Hkv, M) int32
 
     def _decoded(self, j, q, k, idx, sel_k):

@@ -32,5 +32,5 @@ class WindowKV(BudgetKV):
         idx = torch.where(j < s, j, (n - k)[:, None] + j)                    # (B, M)
         self.idx[:B].copy_(idx[:, None].expand(B, self.num_kv_heads, -1))   # same for every head
 
-    def _kept_idx(self, j, B):
+    def _kept_idx(self, j, B, q):
         return self.idx[:B]

@@ -1,5 +1,6 @@
-"""h2o and window baselines (CPU): budget 1.0 is dense, the kept sets are exactly the algorithms'
-(against a direct formula and a brute-force H2O), counts follow the budget, Triton = reference."""
+"""h2o, window and quest baselines (CPU): budget 1.0 is dense, the kept sets are exactly the
+algorithms' (against a direct formula, a brute-force H2O and brute-force Quest page bounds), counts
+follow the budget, Triton = reference."""
 import subprocess
 import sys
 from itertools import accumulate
@@ -12,6 +13,7 @@ from minigen.kernels.launch import interpreting
 from minigen.kernels.ops import Ops
 from minigen.kv.budget import kept_count
 from minigen.kv.h2o import H2OKV
+from minigen.kv.quest import QuestKV
 from minigen.kv.window import WindowKV
 from minigen.engine import Engine
 from minigen.kv.base import StepMeta
@@ -21,7 +23,12 @@ from tests.helpers import (IdTokenizer, assert_close, kv_config, minigen_from_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = random_prompts(320, (9, 23, 1), seed=4)
-POLICIES = ("h2o", "window")
+POLICIES = ("h2o", "window", "quest")
+PAGE = 4    # quest's page in the engine-level tests: prompts of 9-23 tokens span several pages
+
+
+def with_page(policy, opts):
+    return dict(opts, page_size=opts.get("page_size", PAGE)) if policy == "quest" else opts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,7 +46,7 @@ def step_logits(model, policy, prompts, steps=8, max_seq_len=96, cuda_graph=True
     """Teacher-forced decode logits: every step's (B, V) logits for a fixed token stream.
     phantom: first run two decode steps and rewind, as the engine's CUDA-graph capture does."""
     eng = Engine(model, IdTokenizer(), policy=policy, max_batch=len(prompts), max_seq_len=max_seq_len,
-                 cuda_graph=cuda_graph, max_prefill_tokens=max_prefill_tokens, policy_opts=opts)
+                 cuda_graph=cuda_graph, max_prefill_tokens=max_prefill_tokens, policy_opts=with_page(policy, opts))
     seqs = [eng.new_sequence(p) for p in prompts]
     out = [eng.prefill(seqs)]
     g = eng._decode_graph(seqs)
@@ -64,7 +71,7 @@ def step_logits(model, policy, prompts, steps=8, max_seq_len=96, cuda_graph=True
 
 def greedy(model, policy, prompts=PROMPTS, steps=32, max_seq_len=96, cuda_graph=True, **opts):
     eng = Engine(model, IdTokenizer(), policy=policy, max_batch=len(prompts), max_seq_len=max_seq_len,
-                 cuda_graph=cuda_graph, policy_opts=opts)
+                 cuda_graph=cuda_graph, policy_opts=with_page(policy, opts))
     seqs = [eng.new_sequence(p) for p in prompts]
     for _ in eng.generate(seqs, SamplingParams(max_new_tokens=steps, temperature=0, ignore_eos=True)):
         pass
@@ -120,7 +127,7 @@ class Recorder:
         return getattr(self.ops, name)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", ("h2o", "window"))
 def test_counts_follow_budget_on_long_run(model, policy):
     """Every gather keeps ceil(budget * n) tokens per head; fetched_fraction is exactly their
     share of the cached rows, and close to the budget on a long run."""
@@ -405,3 +412,69 @@ def test_cuda_graph_decode_equals_eager(policy):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert (got[1:] - step_logits(model, "dense", PROMPTS, steps=24)[0][1:]).abs().max() > 1e-3
     assert greedy(model, policy, **opts)[0] == greedy(model, policy, cuda_graph=False, **opts)[0]
+
+
+def quest_count(n, budget, P):
+    """Quest's kept tokens for n cached ones: the newest page (r tokens) + whole pages within k(n)."""
+    r = n - P * ((n - 1) // P)
+    return max(kept_count(n, budget) - r, 0) // P * P + r
+
+
+def test_quest_counts_follow_budget_on_long_run(model):
+    """Every gather keeps the newest page plus floor((k - r) / P) whole pages; fetched_fraction is
+    their share of the cached rows, within a page of the budget on a long run."""
+    budget, steps, prompts, P = 0.25, 64, random_prompts(320, (57, 40), seed=1), 4
+    eng = Engine(model, IdTokenizer(), policy="quest", max_batch=2, max_seq_len=128,
+                 policy_opts=dict(budget=budget, page_size=P))
+    eng.kv.ops = rec = Recorder(eng.kv.ops)
+    seqs = [eng.new_sequence(p) for p in prompts]
+    for _ in eng.generate(seqs, SamplingParams(max_new_tokens=steps, temperature=0, ignore_eos=True)):
+        pass
+    Lsp = eng.kv.sparse_layers
+    for i, (_, count) in enumerate(rec.calls):
+        n = [len(p) + i // Lsp for p in prompts]
+        want = torch.tensor([quest_count(x, budget, P) for x in n], dtype=torch.int32)[:, None].expand_as(count)
+        assert torch.equal(count, want), f"step {i // Lsp}"
+    kept = sum(quest_count(len(p) + t, budget, P) for p in prompts for t in range(steps - 1))
+    cached = sum(len(p) + t for p in prompts for t in range(steps - 1))
+    assert eng.kv.stats()["fetched_fraction"] == pytest.approx(kept / cached, abs=1e-12)
+    assert budget - 0.05 < kept / cached <= budget + 1e-9
+
+
+@pytest.mark.parametrize("G,budget,P", [(3, 0.3, 4), (1, 0.5, 5), (2, 0.12, 3), (3, 1.0, 4)])
+def test_quest_kept_sets_match_bruteforce(G, budget, P):
+    """Each KV head keeps the newest page and the whole pages with the largest upper bound
+    sum_d max(q_d min_d, q_d max_d) (the max over its query heads), from bounds recomputed from
+    the keys in float64; the attention is over exactly those tokens."""
+    L, Hkv, D, T = 3, 2, 8, 80
+    pol = QuestKV(kv_config(L, Hkv, G, D), dtype=torch.float32, device="cpu", ops=Ops(use_triton=False),
+                  budget=budget, dense_layers=1, page_size=P)
+    drv, slots, lens = Driver(pol, 3, T, seed=3), [2, 0], [17, 6]
+    drv.prefill(slots, [0, 0], lens)
+
+    def on_decode(layer, b, n, q, k_cur, v_cur, K, V, out, idx, count):
+        r = n - P * ((n - 1) // P)
+        full = (n - r) // P
+        pages = K[:, :full * P].double().view(Hkv, full, P, D)
+        lo, hi = pages.amin(2), pages.amax(2)                          # (Hkv, full, D)
+        qg = q.double().view(Hkv, G, D)
+        bound = (torch.maximum(qg[:, :, None] * lo[:, None], qg[:, :, None] * hi[:, None])).sum(-1).amax(1)
+        keep = max(kept_count(n, budget) - r, 0) // P
+        got = kept_sets(idx, count)
+        for g in range(Hkv):
+            want = set(range(n - r, n))
+            if keep:
+                top = bound[g].topk(keep).indices.tolist()
+                want |= {p * P + i for p in top for i in range(P)}
+            assert got[g] == want, f"layer {layer} seq {b} head {g}: n={n}"
+        check_attention(G, q, k_cur, v_cur, K, V, out, got, pol.sm_scale)
+    for step in range(10):
+        drv.decode(slots, [x + step for x in lens], on_decode)
+    # the bounds the policy keeps are the pages' min / max of everything cached
+    for layer in range(1, L):
+        for s, n in zip(slots, [x + 10 for x in lens]):
+            npg = -(-n // P)
+            keys = torch.cat([drv.K[layer, s, :, :n], torch.full((Hkv, npg * P - n, D), float("nan"))], 1)
+            keys = keys.view(Hkv, npg, P, D)
+            want_lo = torch.where(keys.isnan(), float("inf"), keys).amin(2)
+            assert torch.equal(pol.kmin[layer - 1, s, :, :npg], want_lo)
