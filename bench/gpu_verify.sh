@@ -2,7 +2,7 @@
 # GPU verification runs (on the device machine). Each step appends its benchmark JSON lines to
 # $OUT/<step>.jsonl; the default model must be staged first (bench/stage_model.sh put/join).
 #   bench/gpu_verify.sh tests | dense | 7b-offload | 7b-infinigen | 7b-32k | 7b-b8 | real | soak | qwen-put | qwen
-#                       | throughput | throughput-qwen | fig14
+#                       | throughput | throughput-qwen | ruler-grid | fig14
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
@@ -65,9 +65,14 @@ case "$step" in
     cat data/essays/*.txt > /tmp/essays.txt
     python3 bench/throughput.py --model qwen2.5-coder-1.5b --text /tmp/essays.txt --dtype bfloat16 --context 32768 \
       --gpu-memory 24G --batches 1,4,8 --steps 64 --configs dense,infinigen,infinigen+reuse --out "$OUT/throughput" ;;
+  ruler-grid)   # issue 16: RULER grid on the 1.5B model (after `qwen`); runs already in $OUT/ruler are skipped
+    export MINIGEN_CACHE=$STAGE/cache
+    python3 bench/ruler_grid.py --model qwen2.5-coder-1.5b --dtype bfloat16 --lengths ${LENGTHS:-8192,16384} \
+      --samples ${SAMPLES:-20} --configs "${CONFIGS:-dense,infinigen,infinigen 2%,infinigen 5%,quest 5%,quest 2%,h2o 5%,window 5%,int4}" \
+      --quiet --out "$OUT/ruler" ;;
   fig14)        # issue 18: the artifact (carry bench/peers/artifact) and minigen at its figure-14 setting
     python3 bench/peers/infinigen_artifact.py --artifact bench/peers/artifact --out "$OUT/peers/artifact.jsonl"
     python3 bench/fig14.py --out "$OUT/peers/minigen.jsonl"
     python3 bench/fig14.py --render "$OUT/peers/artifact.jsonl" "$OUT/peers/minigen.jsonl" | tee "$OUT/peers/fig14.md" ;;
-  *) echo "usage: $0 tests|dense|7b-offload|7b-infinigen|7b-32k|7b-b8|real|soak|qwen-put|qwen|throughput|throughput-qwen|fig14" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|dense|7b-offload|7b-infinigen|7b-32k|7b-b8|real|soak|qwen-put|qwen|throughput|throughput-qwen|ruler-grid|fig14" >&2; exit 2 ;;
 esac

@@ -10,7 +10,7 @@ import pytest
 from minigen.eval.choice import load_tasks
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-IMPORTS = {"fidelity": ("decode",), "report": ("decode",), "throughput": ("decode",), "capacity": ("decode",)}   # the bench modules a script imports by name
+IMPORTS = {"fidelity": ("decode",), "report": ("decode",), "throughput": ("decode",), "capacity": ("decode",)}   # ruler_grid: none   # the bench modules a script imports by name
 
 
 @pytest.fixture
@@ -131,3 +131,30 @@ def test_capacity_arithmetic(bench_module):
     assert inf["batch"] == min(inf["gpu_cap"], inf["host_cap"]) and inf["batch"] > rows["dense"]["batch"]
     # 30 pooled layers x 8 KV heads x ceil(0.049 x 32768) = 1606 rows x (K and V of 128 fp16)
     assert inf["pcie_mb_per_seq_step"] == round(30 * 8 * 1606 * 512 / 1e6, 1)
+
+
+def test_ruler_grid_render(tmp_path, bench_module):
+    """ruler_grid.py: the table from per-run files, mean +- the standard error from per-sample scores."""
+    import json
+    import math
+    rg = bench_module("ruler_grid")
+
+    def run(config, length, scores, read=None):
+        tasks = {f"t{i}": {str(length): {"score": sum(s) / len(s), "samples": [{"score": x} for x in s]}}
+                 for i, s in enumerate(scores)}
+        mean = sum(sum(s) / len(s) for s in scores) / len(scores)
+        r = dict(tasks=tasks, lengths=[length], mean={str(length): mean}, samples=len(scores[0]), config=config,
+                 model="m", dtype="bfloat16", device="cuda", gpu="NVIDIA H200")
+        if read is not None:
+            r["fetched_fraction"] = read
+        (tmp_path / f"ruler_{length}_{rg.slug(config)}.json").write_text(json.dumps(r))
+        return r
+    d = run("dense", 8192, [[100, 100], [0, 100]])
+    run("quest 5%", 8192, [[100, 0], [0, 0]], read=0.0483)
+    run("dense", 16384, [[100, 100], [100, 100]])
+    # task variances 0 and 5000 (n = 2 each): SE = sqrt(0 / 2 + 5000 / 2) / 2
+    assert rg.standard_error(d, "8192") == pytest.approx(math.sqrt(2500) / 2)
+    rg.render(tmp_path)
+    md = (tmp_path / "ruler.md").read_text()
+    assert "| dense | 75.00 +- 25.00 | 1.0000 | 2 | 100.00 +- 0.00 | 1.0000 | 2 |" in md
+    assert "| quest 5% | 25.00 +- 25.00 | 0.0483 | 2 |  |  |  |" in md
