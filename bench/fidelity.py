@@ -3,7 +3,8 @@
     make data && python bench/fidelity.py            # GPU machine; writes bench/results/fidelity/
     python bench/fidelity.py --quick --device cpu    # a small smoke run of the same code
 
-The default model (SmolLM2-135M-Instruct), every policy on one axis: the mean fraction of the
+The default model (SmolLM2-135M-Instruct; another with --model, e.g. the 1.5B at 8K-32K with
+--max-seq-len 32768 --contexts 8192,16384,32000), every policy on one axis: the mean fraction of the
 cached KV that a decode step reads (`fetched_fraction`; dense and offload 1.0, int4 its bytes
 relative to 16-bit KV).
   ppl     8 documents (4 plays, 4 runs of consecutive essays; none of them the skew's calibration
@@ -51,8 +52,7 @@ INFINIGEN += [dict(alpha=INF, budget=b, partial_ratio=r, recent=w) for b, r, w i
     (0.03, 0.5, 64), (0.04, 0.5, 64), (0.049, 0.5, 64), (0.1, 0.5, 64))]
 BUDGETS = (0.02, 0.05, 0.1, 0.2)
 CONFIGS = ([("dense", {})] + [("infinigen", o) for o in INFINIGEN]
-           + [("h2o", dict(budget=b)) for b in BUDGETS] + [("window", dict(budget=b)) for b in BUDGETS]
-           + [("int4", {})])
+           + [(p, dict(budget=b)) for p in ("quest", "h2o", "window") for b in BUDGETS] + [("int4", {})])
 
 
 SHORT = {"alpha": "a", "budget": "b", "partial_ratio": "r"}
@@ -62,7 +62,7 @@ def label(policy: str, opts: dict) -> str:
     return policy + "".join(f" {SHORT.get(k, k)}={v}" for k, v in opts.items())
 
 
-INT_OPTIONS = ("recent", "sinks", "dense_layers")                               # whole numbers >= 0
+INT_OPTIONS = ("recent", "sinks", "dense_layers", "page_size")                  # whole numbers >= 0
 FRACTIONS = ("budget", "partial_ratio")                                         # in (0, 1]
 WORDS = {"evict": EVICT_POLICIES}                                               # one of these names
 
@@ -269,7 +269,10 @@ def plot(rows: list[dict], out: Path) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--contexts", default="2048,4096,8000")
+    p.add_argument("--model", default=None, help="model path or alias (default: the embedded default model)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="slot capacity (default: the model's context, at most 8192); raise it for longer --contexts")
+    p.add_argument("--contexts", default="2048,4096,8000", help="ppl contexts, and the needle's lengths")
     p.add_argument("--parts", default="ppl,needle,choice")
     p.add_argument("--policies", default=None, help="only these policies (comma-separated)")
     p.add_argument("--labels", default=None,
@@ -304,10 +307,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --labels: {e}") from None
     from minigen.llm import LLM
     from minigen.calibrate import load_skew_for
-    llm = LLM(None, device=args.device)            # one loaded model; policies switch per run
+    llm = LLM(args.model, device=args.device, max_seq_len=args.max_seq_len)   # one model; policies switch per run
     model, tok, device, dtype = llm.model, llm.tokenizer, llm.device, llm.dtype
-    capacity = llm.max_seq_len                     # the model's window: needle and choice prompts
-    skew = load_skew_for(model, tok, None)
+    capacity = llm.max_seq_len                     # the slot: needle and choice prompts
+    skew = load_skew_for(model, tok, args.model)
     contexts = [256] if args.quick else [int(c) for c in args.contexts.split(",")]
     configs = CONFIGS
     if args.quick:
@@ -317,7 +320,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows, parts = [], args.parts.split(",")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    header = (f"Default model, {dtype}, {gpu}, torch {torch.__version__}. Command: "
+    header = (f"{args.model or 'Default model'}, {dtype}, {gpu}, torch {torch.__version__}. Command: "
               f"`python bench/fidelity.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip())
     with open(out / "results.jsonl", "w") as f:
         def emit(r):
@@ -349,8 +352,8 @@ TASK_CONFIGS = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2, partial_r
                 ("infinigen", dict(alpha=INF, budget=0.05, partial_ratio=0.5, recent=64)),
                 ("infinigen", dict(alpha=INF, budget=0.05, partial_ratio=0.75, recent=64)),
                 ("infinigen", dict(alpha=5, budget=0.2, partial_ratio=0.2, recent=0)),
-                ("h2o", dict(budget=0.05)), ("window", dict(budget=0.05)),
-                ("h2o", dict(budget=0.1)), ("window", dict(budget=0.1)), ("int4", {})]
+                ("h2o", dict(budget=0.05)), ("window", dict(budget=0.05)), ("quest", dict(budget=0.05)),
+                ("h2o", dict(budget=0.1)), ("window", dict(budget=0.1)), ("quest", dict(budget=0.1)), ("int4", {})]
 
 
 def run_task(part: str, llm, skew, args, capacity: int):
@@ -362,7 +365,7 @@ def run_task(part: str, llm, skew, args, capacity: int):
     if part == "needle":
         essays = sorted((Path(args.data) / "essays").glob("*.txt"))
         hay = llm.tokenizer.encode(" ".join(clean_essay(read_text(f)) for f in essays), add_special_tokens=False)
-        lengths = [256, 512] if args.quick else [2048, 4096, 8000]
+        lengths = [256, 512] if args.quick else [int(c) for c in args.contexts.split(",")]
     else:
         path = Path(args.data) / "tasks" / "choice.jsonl"
         if not path.exists():
