@@ -3,8 +3,9 @@
     make data && python bench/fidelity.py            # GPU machine; writes bench/results/fidelity/
     python bench/fidelity.py --quick --device cpu    # a small smoke run of the same code
 
-The default model (SmolLM2-135M-Instruct; another with --model, e.g. the 1.5B at 8K-32K with
---max-seq-len 32768 --contexts 8192,16384,32000), every policy on one axis: the mean fraction of the
+The default model (SmolLM2-135M-Instruct; another with --model, e.g. the 1.5B with --max-seq-len
+32768 --contexts 8192,16384: the shortest play is 27993 of its tokens, so perplexity stops there),
+every policy on one axis: the mean fraction of the
 cached KV that a decode step reads (`fetched_fraction`; dense and offload 1.0, int4 its bytes
 relative to 16-bit KV).
   ppl     8 documents (4 plays, 4 runs of consecutive essays; none of them the skew's calibration
@@ -234,7 +235,7 @@ def plot(rows: list[dict], out: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
     colors = {}                                    # series name -> the same colour in every panel
-    style = {"infinigen": "o-", "h2o": "s--", "window": "^--", "int4": "D", "offload": "x"}
+    style = {"infinigen": "o-", "quest": "v--", "h2o": "s--", "window": "^--", "int4": "D", "offload": "x"}
     legend = {}                                    # one legend for all panels: label -> handle
     for ax, ctx in zip(axes[0], ctxs):
         sub = [r for r in ppl if r["context"] == ctx]
@@ -257,7 +258,8 @@ def plot(rows: list[dict], out: Path) -> bool:
         ax.minorticks_off()
         ax.set_xlabel("mean fraction of the KV read per decode step")
         ax.set_ylabel("perplexity")
-        ax.set_title(f"SmolLM2-135M, context {ctx}" + (f" (dense {dense[0]:.2f})" if dense else ""))
+        model = sub[0].get("header", "").split(",")[0] or "default model"
+        ax.set_title(f"{model}, context {ctx}" + (f" (dense {dense[0]:.2f})" if dense else ""), fontsize=9)
         ax.grid(alpha=0.3)
         for h, lab in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(lab, h)
@@ -311,14 +313,24 @@ def main(argv=None) -> int:
     model, tok, device, dtype = llm.model, llm.tokenizer, llm.device, llm.dtype
     capacity = llm.max_seq_len                     # the slot: needle and choice prompts
     skew = load_skew_for(model, tok, args.model)
+    parts = args.parts.split(",")
     contexts = [256] if args.quick else [int(c) for c in args.contexts.split(",")]
+    if "needle" in parts and max(contexts) >= capacity:
+        raise SystemExit(f"error: --contexts {max(contexts)} (the needle's lengths too) needs --max-seq-len above it "
+                         f"(the slot holds {capacity} tokens)")
+    if "ppl" in parts:
+        for ctx in contexts:                       # every document long enough, before hours of runs
+            try:
+                documents(tok, Path(args.data), ctx)
+            except ValueError as e:
+                raise SystemExit(f"error: --contexts {ctx}: {e}") from None
     configs = CONFIGS
     if args.quick:
         configs = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2)), ("window", dict(budget=0.2))]
     configs = chosen(args, configs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, parts = [], args.parts.split(",")
+    rows = []
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     header = (f"{args.model or 'Default model'}, {dtype}, {gpu}, torch {torch.__version__}. Command: "
               f"`python bench/fidelity.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip())

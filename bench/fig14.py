@@ -74,8 +74,9 @@ def render(artifact_file: Path, minigen_file: Path) -> str:
     mg = [r for r in lines[last + 1:] if r.get("system") == "minigen"]
     md = ["# InfiniGen's artifact and minigen at the figure-14 setting", "",
           f"{head.get('gpu', '?')}; torch {head.get('torch', '?')}; pinned H2D {head.get('pinned_h2d_gbps', '?')} GB/s, "
-          f"HBM copy {head.get('hbm_copy_gbps', '?')} GB/s (measured in minigen's run). OPT-13B shape, fp16, batch 20, "
-          "1920 + 128 tokens; throughput = 20 x 128 / (prefill + decode).", "",
+          f"HBM copy {head.get('hbm_copy_gbps', '?')} GB/s (measured in minigen's run). OPT-13B shape, fp16, batch "
+          f"{mg[0].get('bsz', '?') if mg else '?'}, {mg[0].get('prompt_len', '?') if mg else '?'} + "
+          f"{mg[0].get('gen_len', '?') if mg else '?'} tokens; throughput = batch x generated tokens / (prefill + decode).", "",
           "| scheme | artifact tok/s | artifact prefill / decode s | minigen config | minigen tok/s | minigen prefill / decode s | minigen / artifact |",
           "|---|---|---|---|---|---|---|"]
     for r in mg:

@@ -57,33 +57,47 @@ def run_grid(args) -> None:
     from minigen.calibrate import load_skew_for
     from minigen.eval.ruler import ruler, run_ruler
     from minigen.llm import LLM
+    from minigen.device import resolve_device
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lengths = [int(x) for x in args.lengths.split(",")]
-    todo = [(L, c) for L in lengths for c in args.configs.split(",")
-            if not (out / f"ruler_{L}_{slug(c)}.json").exists()]
+    tasks = list(ruler()) if args.tasks == "all" else args.tasks.split(",")
+    key = dict(model=args.model or "default", samples=args.samples, seed=args.seed, tasks=tasks)
+    todo = []
+    for L in lengths:
+        for c in args.configs.split(","):
+            f = out / f"ruler_{L}_{slug(c)}.json"
+            if not f.exists():
+                todo.append((L, c))
+                continue
+            old = json.loads(f.read_text())   # a run already there must be of this grid
+            have = dict(model=old["model"], samples=old["samples"], seed=old.get("seed"), tasks=list(old["tasks"]))
+            if have != key:
+                raise SystemExit(f"error: {f} holds a run of another grid ({have}); this one is {key}: "
+                                 f"use another --out")
     if not todo:
         print("every run of the grid is in --out already", file=sys.stderr)
         return
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_seq_len=max(lengths) + 256,
-              batch_invariant=args.device == "cpu")
-    skew = None
-    tasks = list(ruler()) if args.tasks == "all" else args.tasks.split(",")
+    device = resolve_device(args.device)
+    llm = LLM(args.model, device=str(device), dtype=args.dtype, max_seq_len=max(lengths),
+              batch_invariant=device.type == "cpu")   # on the CPU, scores that do not depend on --batch
+    # the skew once, before any run: for OPT it is folded into the weights, which every policy then shares
+    skew = load_skew_for(llm.model, llm.tokenizer, args.model, None)
     for L, label in todo:
         policy, opts = CONFIGS[label]
-        if policy == "infinigen" and skew is None:
-            skew = load_skew_for(llm.model, llm.tokenizer, args.model, None)
         llm.close()                                   # a fresh engine for this configuration
         llm.policy, llm.policy_opts = policy, dict(opts, **({"skew": skew} if policy == "infinigen" else {}))
         print(f"ruler {L} tokens, {label}", file=sys.stderr)
         t0 = time.perf_counter()
         res = run_ruler(llm, tasks, [L], args.samples, batch=args.batch, seed=args.seed, progress=not args.quiet)
         res.update(config=label, policy=policy, policy_opts={k: str(v) if v == INF else v for k, v in opts.items()},
-                   model=args.model or "default", device=str(llm.device), dtype=str(llm.dtype).removeprefix("torch."),
+                   model=args.model or "default", seed=args.seed, device=str(llm.device), dtype=str(llm.dtype).removeprefix("torch."),
                    gpu=torch.cuda.get_device_name() if llm.device.type == "cuda" else None, torch=torch.__version__,
                    seconds=round(time.perf_counter() - t0, 1),
                    command="python bench/ruler_grid.py " + " ".join(sys.argv[1:]))
-        (out / f"ruler_{L}_{slug(label)}.json").write_text(json.dumps(res))
+        tmp = out / f".ruler_{L}_{slug(label)}.json.tmp"      # whole files only: a killed run leaves none
+        tmp.write_text(json.dumps(res))
+        tmp.replace(out / f"ruler_{L}_{slug(label)}.json")
         print(f"  mean {res['mean'][str(L)]:.2f} +- {standard_error(res, str(L)):.2f}, read "
               f"{res.get('fetched_fraction', 1.0):.4f} ({res['seconds']} s)", file=sys.stderr)
     llm.close()

@@ -32,7 +32,7 @@ def add_model_args(p: argparse.ArgumentParser, default_policy: str = "dense") ->
                         "Llama and 4 for OPT)")
     g.add_argument("--budget", type=float, default=None,
                    help="fraction of the context per KV head: infinigen's cap (default 0.049, at most 5%% read), "
-                        "the tokens h2o, window and quest keep (default 0.2)")
+                        "the tokens h2o, window and quest keep (default 0.2; quest in whole pages, at least the newest)")
     g.add_argument("--partial-ratio", type=float, default=None,
                    help="skewed columns kept per head, as a fraction of D (default 0.5)")
     g.add_argument("--dense-layers", type=int, default=None, help="first layers kept dense on the GPU (default 2)")

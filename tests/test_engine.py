@@ -164,7 +164,8 @@ def test_interrupted_teacher_force_keeps_the_context(tiny, monkeypatch):
 # an interrupted prefill leaves no trace
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy,opts", [("infinigen", dict(dense_layers=1, alpha=3.0, budget=0.5)),
-                                         ("h2o", dict(dense_layers=1, budget=0.5)), ("dense", {})])
+                                         ("h2o", dict(dense_layers=1, budget=0.5)), ("dense", {}),
+                                         ("quest", dict(dense_layers=1, budget=0.5, page_size=4))])
 def test_interrupted_prefill_leaves_no_trace(tiny, policy, opts):
     """A chat's second turn is interrupted in the middle of its prefill (Ctrl-C at layer 2), then
     run again: the decode logits that follow equal those of an uninterrupted run, bit for bit."""

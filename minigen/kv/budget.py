@@ -4,14 +4,14 @@ cached tokens each KV head attends to.
 
 Kept count. With n tokens cached before the current one, each (sequence, KV head) of a sparse
 layer attends to k(n) = min(n, ceil(budget * n)) of them (>= 1 once n >= 1) plus the current
-token: H2O's ratio form (its reference code sizes the heavy and recent sets as ratios of the
+token (quest rounds it to whole pages: see quest.py): H2O's ratio form (its reference code sizes the heavy and recent sets as ratios of the
 sequence length). budget * n is one float64 product on the host and on the device alike, so the
 two always agree on k. Layers < dense_layers attend densely (the paper's baselines keep layers
 0-1 full), and prefill is dense everywhere, as in every minigen policy: policies differ at decode.
 
 Limitations (honest): memory is the whole dense cache (L, S, Hkv, T, D) on the GPU, as DenseKV
 (a compacted cache is not implemented): both policies reproduce the baselines' accuracy and
-attention work, not their memory savings. As for infinigen, fetched_fraction counts real steps
+attention work, not their memory savings (the same for quest). As for infinigen, fetched_fraction counts real steps
 only: warmup puts the counts back after the capture's two warm-up steps.
 """
 from __future__ import annotations
@@ -58,8 +58,7 @@ class BudgetKV(KVPolicy):
     def allocate(self, num_slots: int, max_seq_len: int) -> None:
         self.dense.allocate(num_slots, max_seq_len)
         S, Hkv, D, dev = num_slots, self.num_kv_heads, self.head_dim, self.device
-        # M: k(n) <= ceil(budget * T) for n < T, plus the token h2o adds before it evicts
-        self.max_kept = M = math.ceil(self.budget * max_seq_len) + 1
+        self.max_kept = M = self._max_kept(max_seq_len)
         try:
             self.sel_k = torch.empty((S, Hkv, M, D), dtype=self.dtype, device=dev)   # gathered rows
             self.sel_v = torch.empty((S, Hkv, M, D), dtype=self.dtype, device=dev)
@@ -104,6 +103,10 @@ class BudgetKV(KVPolicy):
         return out
 
     # subclass hooks
+    def _max_kept(self, max_seq_len: int) -> int:
+        """Rows a step can keep: k(n) <= ceil(budget * T) for n < T, plus the token h2o adds before it evicts."""
+        return math.ceil(self.budget * max_seq_len) + 1
+
     def _kept(self, n: torch.Tensor) -> torch.Tensor:
         """Tokens each sequence attends to out of n (B,) int64 cached ones: the budget's count."""
         return kept_count_no_sync(n, self.budget)

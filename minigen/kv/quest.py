@@ -6,13 +6,14 @@ bound every query's logit on the page from above:
     q . k  <=  sum_d max(q_d * min_d, q_d * max_d)  =  relu(q) . max + min(q, 0) . min
 
 At decode each KV head scores every full page by that bound (the max over its group's query
-heads, for GQA), keeps the best ones within the budget plus the newest page (the one new tokens
-join: 1..P tokens, like a small recent window), and attends over their tokens.
+heads, for GQA), keeps the best ones within the budget plus the newest page (the page of the last
+cached token: 1..P tokens, like a small recent window), and attends over their tokens.
 
 Kept count, for n cached tokens: r = n - P * floor((n - 1) / P) of them in the newest page, k(n)
 the budget's count (minigen/kv/budget.py), and floor(max(k - r, 0) / P) full pages: pages * P + r
-tokens, at most max(k, r). Pages are whole, so the read is the budget's rounded down to a page (at
-least the newest page); the same count for every head and layer, as h2o and window.
+tokens, at most max(k, r). Pages are whole, so the read is the budget's rounded down to a page,
+but never less than the newest page (on short contexts that can be more than the budget; the
+fetched fraction reports what was read); the same count for every head and layer, as h2o and window.
 
 Bounds. Prefill (dense attention, as every policy) recomputes the bounds of the pages its new
 tokens touch from the cache; a decode step folds its token into its page (a new page starts from
@@ -45,16 +46,15 @@ class QuestKV(BudgetKV):
         self.page = page_size
         self._undo: list | None = None
 
+    def _max_kept(self, max_seq_len: int) -> int:
+        self.num_pages = math.ceil(max_seq_len / self.page)
+        self.max_full = min(self.num_pages, math.ceil(super()._max_kept(max_seq_len) / self.page))  # full pages
+        return self.max_full * self.page + self.page                   # their tokens + the newest page
+
     def allocate(self, num_slots: int, max_seq_len: int) -> None:
         super().allocate(num_slots, max_seq_len)
-        S, Hkv, D, P, dev = num_slots, self.num_kv_heads, self.head_dim, self.page, self.device
-        self.num_pages = Np = math.ceil(max_seq_len / P)
-        self.max_full = min(Np, math.ceil(self.max_kept / P))          # full pages a step can keep
-        M = self.max_kept = self.max_full * P + P                      # their tokens + the newest page
-        self.sel_k = torch.empty((S, Hkv, M, D), dtype=self.dtype, device=dev)
-        self.sel_v = torch.empty((S, Hkv, M, D), dtype=self.dtype, device=dev)
-        self.arange_m = torch.arange(M, device=dev)
-        self.idx = torch.zeros((S, Hkv, M), dtype=torch.int32, device=dev)
+        S, Hkv, D, Np, dev = num_slots, self.num_kv_heads, self.head_dim, self.num_pages, self.device
+        self.idx = torch.zeros((S, Hkv, self.max_kept), dtype=torch.int32, device=dev)
         shape = (self.sparse_layers, S, Hkv, Np, D)
         self.kmin = torch.full(shape, float("inf"), dtype=self.dtype, device=dev)
         self.kmax = torch.full(shape, float("-inf"), dtype=self.dtype, device=dev)
@@ -110,8 +110,10 @@ class QuestKV(BudgetKV):
             self.kmax[j, slot, :, p0:p1] = hi.view(H, p1 - p0, P, D).amax(2)
 
     def prefill_state(self, meta) -> list:
-        slots = meta.slot_idx.long()
-        return [(self.kmin, (slice(None), slots)), (self.kmax, (slice(None), slots))]
+        """The bounds of the pages a chunk rewrites: from each sequence's first new token's page on."""
+        P = self.page
+        return [(t, (slice(None), slot, slice(None), slice(n0 // P, None)))
+                for slot, n0 in zip(meta.host_slots, meta.host_start) for t in (self.kmin, self.kmax)]
 
     def warmup(self, on: bool) -> None:
         """The warm-up steps' bound updates are written back, newest first."""

@@ -150,10 +150,12 @@ def test_counts_follow_budget_on_long_run(model, policy):
     assert abs(frac - budget) < 0.01
 
 
-def test_h2o_chunked_prefill_equals_one_prefill(model):
-    """A prompt fed in prefill chunks accumulates the same attention mass: same kept sets."""
-    want, _ = step_logits(model, "h2o", PROMPTS, budget=0.3, dense_layers=1)
-    got, _ = step_logits(model, "h2o", PROMPTS, budget=0.3, dense_layers=1, max_prefill_tokens=5)
+@pytest.mark.parametrize("policy", ("h2o", "quest"))
+def test_chunked_prefill_equals_one_prefill(model, policy):
+    """A prompt fed in prefill chunks (5 tokens: chunks start mid-page for quest's pages of 4) leaves
+    the same state as one chunk (h2o's attention mass, quest's page bounds): same kept sets."""
+    want, _ = step_logits(model, policy, PROMPTS, budget=0.3, dense_layers=1)
+    got, _ = step_logits(model, policy, PROMPTS, budget=0.3, dense_layers=1, max_prefill_tokens=5)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
