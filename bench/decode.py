@@ -167,6 +167,18 @@ def fill_cache(kv) -> None:
         fill_random(pool.v)
 
 
+def pyplot(png: str):
+    """matplotlib's pyplot on the Agg backend, or None (saying that `png` is not drawn) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib not installed: {png} not drawn", file=sys.stderr)
+        return None
+    return plt
+
+
 def jsonable(opts: dict) -> dict:
     """Policy options for a JSON line (alpha inf as the string "inf")."""
     return {k: (str(v) if v == float("inf") else v) for k, v in opts.items()}

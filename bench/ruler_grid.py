@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+import decode as D
+
 INF = math.inf
 CONFIGS = {   # label -> (policy, options)
     "dense": ("dense", {}),
@@ -128,12 +130,8 @@ def render(folder: Path) -> None:
             cells += [f"{v[0]:.2f} +- {v[1]:.2f}", f"{v[2]:.4f}", str(v[3])] if v else ["", "", ""]
         md.append(f"| {c} | " + " | ".join(cells) + " |")
     (folder / "ruler.md").write_text("\n".join(md) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: ruler.png not drawn", file=sys.stderr)
+    plt = D.pyplot("ruler.png")
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.5), squeeze=False)
     for ax, L in zip(axes[0], lengths):

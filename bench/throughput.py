@@ -200,12 +200,8 @@ def render(folder: Path) -> None:
             md += ["", "dense does not fit this budget at any batch (refused before loading)."]
         md.append("")
     (folder / "throughput.md").write_text("\n".join(md))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: throughput.png not drawn", file=sys.stderr)
+    plt = D.pyplot("throughput.png")
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), squeeze=False)
     for ax, run in zip(axes[0], runs):

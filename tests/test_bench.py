@@ -10,7 +10,8 @@ import pytest
 from minigen.eval.choice import load_tasks
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-IMPORTS = {"fidelity": ("decode",), "report": ("decode",), "throughput": ("decode",), "capacity": ("decode",)}   # ruler_grid: none   # the bench modules a script imports by name
+IMPORTS = {"fidelity": ("decode",), "report": ("decode",), "throughput": ("decode",), "capacity": ("decode",),
+           "ruler_grid": ("decode",)}   # the bench modules a script imports by name
 
 
 @pytest.fixture
