@@ -159,19 +159,12 @@ def documents(tokenizer, data: Path, num_tokens: int) -> dict[str, list[int]]:
     return docs
 
 
-def use_policy(llm, policy: str, opts: dict, skew, max_seq_len: int) -> None:
-    """Point the one loaded model's LLM at another policy; its engine is rebuilt on next use."""
-    llm.close()
-    llm.policy, llm.max_seq_len = policy, max_seq_len
-    llm.policy_opts = dict(opts, skew=skew) if policy == "infinigen" else dict(opts)
-
-
-def run_ppl(llm, skew, docs: dict, context: int, policy: str, opts: dict, chunk: int) -> dict:
+def run_ppl(llm, docs: dict, context: int, policy: str, opts: dict, chunk: int) -> dict:
     """All documents as one batch (minigen.eval's decode-path perplexity): prefill the first 3/4,
     teacher-force the last quarter."""
     from minigen.eval.ppl import perplexity_decode
     prefix = context * 3 // 4
-    use_policy(llm, policy, opts, skew, context + 1)
+    llm.use_policy(policy, opts, max_seq_len=context + 1)
     t0 = time.perf_counter()
     try:
         r = perplexity_decode(llm, [ids[:context] for ids in docs.values()], prefix, chunk)
@@ -308,11 +301,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise SystemExit(f"error: --labels: {e}") from None
     from minigen.llm import LLM
-    from minigen.calibrate import load_skew_for
     llm = LLM(args.model, device=args.device, max_seq_len=args.max_seq_len)   # one model; policies switch per run
-    model, tok, device, dtype = llm.model, llm.tokenizer, llm.device, llm.dtype
+    tok, device, dtype = llm.tokenizer, llm.device, llm.dtype
     capacity = llm.max_seq_len                     # the slot: needle and choice prompts
-    skew = load_skew_for(model, tok, args.model)
+    llm.skew()                                     # before any run: for OPT folded into the weights all share
     parts = args.parts.split(",")
     contexts = [256] if args.quick else [int(c) for c in args.contexts.split(",")]
     if "needle" in parts and max(contexts) >= capacity:
@@ -347,10 +339,10 @@ def main(argv=None) -> int:
             for ctx in contexts:
                 docs = documents(tok, Path(args.data), ctx)
                 for policy, opts in configs:
-                    emit(run_ppl(llm, skew, docs, ctx, policy, opts, args.chunk))
+                    emit(run_ppl(llm, docs, ctx, policy, opts, args.chunk))
         for part in ("needle", "choice"):
             if part in parts:
-                for r in run_task(part, llm, skew, args, capacity):
+                for r in run_task(part, llm, args, capacity):
                     emit(r)
     write_report(rows, out, header)
     plot(rows, out)
@@ -368,7 +360,7 @@ TASK_CONFIGS = [("dense", {}), ("infinigen", dict(alpha=5, budget=0.2, partial_r
                 ("h2o", dict(budget=0.1)), ("window", dict(budget=0.1)), ("quest", dict(budget=0.1)), ("int4", {})]
 
 
-def run_task(part: str, llm, skew, args, capacity: int):
+def run_task(part: str, llm, args, capacity: int):
     """needle / choice through minigen.eval for each task configuration, one loaded model."""
     from minigen.eval.choice import load_tasks, run_choice
     from minigen.eval.needle import run_needle
@@ -387,7 +379,7 @@ def run_task(part: str, llm, skew, args, capacity: int):
         seen = {}
         tasks = [t for t in tasks if seen.setdefault(t.get("length"), []).append(1) or len(seen[t.get("length")]) <= per]
     for policy, opts in configs:
-        use_policy(llm, policy, opts, skew, capacity)
+        llm.use_policy(policy, opts, max_seq_len=capacity)
         t0 = time.perf_counter()
         if part == "needle":
             runs = [run_needle(llm, hay, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], seed=seed, batch=8)

@@ -35,10 +35,9 @@ def read_text(path: str) -> str:
 def generate(llm, ids: list[int], new_tokens: int, opts: dict, record: bool):
     """Greedy generation through infinigen with `opts`; the recorded selections [(layer j, idx, count)]
     per step when `record`, and the policy's stats."""
-    from minigen.engine import Engine
     from minigen.sampler import SamplingParams
-    eng = Engine(llm.model, llm.tokenizer, policy="infinigen", max_batch=1, max_seq_len=len(ids) + new_tokens + 1,
-                 policy_opts=dict(opts, skew=llm.policy_opts.get("skew")), cuda_graph=False)
+    llm.use_policy("infinigen", opts, max_seq_len=len(ids) + new_tokens + 1)
+    eng = llm.get_engine(1)
     kv, steps = eng.kv, []
     if record:
         gather = kv._gather
@@ -58,7 +57,7 @@ def generate(llm, ids: list[int], new_tokens: int, opts: dict, record: bool):
     stats = kv.stats()
     info = dict(max_select=kv.max_select, rows=kv.rows, head_dim=kv.head_dim, elem=kv.dtype.itemsize,
                 num_kv_heads=kv.num_kv_heads, pool_layers=kv.pool_layers)
-    eng.close()
+    llm.close()
     return steps, stats, info
 
 

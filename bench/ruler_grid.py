@@ -56,7 +56,6 @@ def standard_error(res: dict, length: str) -> float:
 
 
 def run_grid(args) -> None:
-    from minigen.calibrate import load_skew_for
     from minigen.eval.ruler import ruler, run_ruler
     from minigen.llm import LLM
     from minigen.device import resolve_device
@@ -83,12 +82,10 @@ def run_grid(args) -> None:
     device = resolve_device(args.device)
     llm = LLM(args.model, device=str(device), dtype=args.dtype, max_seq_len=max(lengths),
               batch_invariant=device.type == "cpu")   # on the CPU, scores that do not depend on --batch
-    # the skew once, before any run: for OPT it is folded into the weights, which every policy then shares
-    skew = load_skew_for(llm.model, llm.tokenizer, args.model, None)
+    llm.skew()          # before any run: for OPT it is folded into the weights, which every policy then shares
     for L, label in todo:
         policy, opts = CONFIGS[label]
-        llm.close()                                   # a fresh engine for this configuration
-        llm.policy, llm.policy_opts = policy, dict(opts, **({"skew": skew} if policy == "infinigen" else {}))
+        llm.use_policy(policy, opts)                  # a fresh engine for this configuration
         print(f"ruler {L} tokens, {label}", file=sys.stderr)
         t0 = time.perf_counter()
         res = run_ruler(llm, tasks, [L], args.samples, batch=args.batch, seed=args.seed, progress=not args.quiet)

@@ -91,9 +91,34 @@ class LLM:
         self.model.ops.set_batch_invariant(batch_invariant)
         # (the settings that depend on the model, e.g. --dense-layers against its layers, were checked
         # by the plan, which builds the policy on the meta device)
-        if self.policy == "infinigen":   # the skew matrices: cached per model, computed on first use
-            self.policy_opts["skew"] = load_skew_for(self.model, self.tokenizer, model, skew)
+        self.model_path, self.skew_path, self._skew = model, skew, None
+        if self.policy == "infinigen":
+            self.policy_opts["skew"] = self.skew()
         self.engine: Engine | None = None
+
+    def skew(self):
+        """infinigen's skew matrices for this model: the skew= file, else the ones cached per model
+        (computed on first use). Loaded once: for OPT they are folded into the weights then, which
+        every policy run on this LLM afterwards shares."""
+        if self._skew is None:
+            self._skew = load_skew_for(self.model, self.tokenizer, self.model_path, self.skew_path)
+        return self._skew
+
+    def use_policy(self, policy: str, policy_opts: dict | None = None, *, max_seq_len: int | None = None) -> None:
+        """Run the loaded model with another KV policy (and slot capacity), as evaluations and
+        benchmarks comparing policies do: checked and planned against the budget like the
+        constructor's, the engine rebuilt on next use."""
+        opts = dict(policy_opts or {})
+        check_policy_opts(policy, opts)
+        cfg = self.model.config
+        if max_seq_len is not None and max_seq_len > cfg.max_seq_len:
+            raise ContextOverflowError(f"--max-seq-len {max_seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
+        self.close()
+        self.policy, self.policy_opts = policy, opts
+        self.max_seq_len = max_seq_len or self.max_seq_len
+        self.memory_plan = self._plan(cfg, self.max_batch)
+        if policy == "infinigen":
+            self.policy_opts["skew"] = self.skew()
 
     def _plan(self, cfg, max_batch: int) -> MemoryPlan:
         opts = {k: v for k, v in self.policy_opts.items() if k != "skew"}

@@ -124,3 +124,19 @@ def test_batch_invariant_is_cpu_only():
             LLM(device="cuda", batch_invariant=True)
     llm = LLM(device="cpu", batch_invariant=True)
     assert llm.model.ops.linear.__name__ == "linear_row_invariant"
+
+
+def test_use_policy_switches_the_loaded_model():
+    """use_policy runs the same loaded model with another policy: window at budget 1.0 keeps every
+    token, so it answers as dense; bad settings and a slot past the model's context are refused."""
+    llm = LLM(policy="dense", max_seq_len=256)
+    want = llm.generate("The capital of France is", max_new_tokens=8, temperature=0)[0].text
+    llm.use_policy("window", {"budget": 1.0})
+    assert (llm.policy, llm.engine) == ("window", None)
+    assert llm.generate("The capital of France is", max_new_tokens=8, temperature=0)[0].text == want
+    assert llm.engine.kv.name == "window"
+    with pytest.raises(ValueError, match="does not take"):
+        llm.use_policy("dense", {"budget": 0.5})
+    with pytest.raises(ContextOverflowError, match="exceeds the model's context"):
+        llm.use_policy("dense", max_seq_len=10**6)
+    llm.close()
