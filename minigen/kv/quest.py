@@ -58,28 +58,33 @@ class QuestKV(BudgetKV):
         shape = (self.sparse_layers, S, Hkv, Np, D)
         self.kmin = torch.full(shape, float("inf"), dtype=self.dtype, device=dev)
         self.kmax = torch.full(shape, float("-inf"), dtype=self.dtype, device=dev)
+        # constants of the idx layout: entry e of the kept pages is token e % P of page slot e // P
+        e = self.arange_m                                                  # (M,) entry
+        self._page_of, self._in_page = (e // self.page).clamp(max=self.max_full - 1), e % self.page
+        self._page_ids = torch.arange(Np, device=dev)
 
     def _kept(self, n: torch.Tensor) -> torch.Tensor:
+        """The count, and what every sparse layer of the step shares: which pages are candidates,
+        and the idx entries of the newest page (after the full pages' kp entries)."""
         P = self.page
-        r = torch.where(n > 0, n - P * ((n - 1).clamp(min=0) // P), 0)     # tokens in the newest page
-        self._r, self._newest = r, n - r                                    # (B,): its size, first token
-        self._full = (kept_count_no_sync(n, self.budget) - r).clamp(min=0) // P
-        return self._full * P + r
+        r = torch.where(n > 0, n - P * ((n - 1).clamp(min=0) // P), 0)     # (B,) tokens in the newest page
+        full = (kept_count_no_sync(n, self.budget) - r).clamp(min=0) // P  # (B,) full pages kept
+        self._candidate = self._page_ids < ((n - r) // P)[:, None, None]   # (B, 1, Np) the full pages
+        kp = (full * P)[:, None, None]                                      # (B, 1, 1) full-page entries
+        e = self.arange_m
+        self._from_page = e < kp                                            # (B, 1, M)
+        self._tail = torch.where(e < kp + r[:, None, None], (n - r)[:, None, None] + (e - kp), 0)
+        return full * P + r
 
     def _kept_idx(self, j: int, B: int, q: torch.Tensor) -> torch.Tensor:
-        P, Hkv, G, M = self.page, self.num_kv_heads, self.group, self.max_kept
+        Hkv, G, M = self.num_kv_heads, self.group, self.max_kept
         slots = self.meta.slot_idx.long()
         lo, hi = self.kmin[j][slots].float(), self.kmax[j][slots].float()  # (B, Hkv, Np, D)
         qf = q.float().view(B, Hkv, G, -1)                                # (B, Hkv, G, D)
         bound = (qf.clamp(min=0) @ hi.transpose(-1, -2) + qf.clamp(max=0) @ lo.transpose(-1, -2)).amax(2)
-        full = torch.arange(self.num_pages, device=q.device) < (self._newest // P)[:, None]   # (B, Np)
-        pages = bound.masked_fill(~full[:, None], float("-inf")).topk(self.max_full, dim=-1).indices
-        e = self.arange_m                                                  # (M,) entry
-        kp = (self._full * P)[:, None, None]                               # (B, 1, 1) full-page entries
-        from_page = pages.gather(-1, (e // P).clamp(max=self.max_full - 1).expand(B, Hkv, M)) * P + e % P
-        newest = self._newest[:, None, None] + (e - kp)
-        idx = torch.where(e < kp, from_page, torch.where(e < kp + self._r[:, None, None], newest, 0))
-        self.idx[:B].copy_(idx)
+        pages = bound.masked_fill(~self._candidate, float("-inf")).topk(self.max_full, dim=-1).indices
+        from_page = pages.gather(-1, self._page_of.expand(B, Hkv, M)) * self.page + self._in_page
+        self.idx[:B].copy_(torch.where(self._from_page, from_page, self._tail))
         return self.idx[:B]
 
     def _decoded(self, j, q, k, idx, sel_k) -> None:
