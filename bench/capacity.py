@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -43,8 +42,8 @@ def pcie_bytes_per_seq(policy: str, opts: dict, cfg, dtype: torch.dtype, context
         return policy_bytes("int4", cfg, dtype, 1, context)[1]
     kv = make_policy("infinigen", cfg, ops=Ops(use_triton=False), device=torch.device("meta"), dtype=dtype,
                      skew=None, **opts)
-    cap = max(1, min(context, math.ceil(kv.budget * context)))   # the selection cap, as allocate sizes it
-    return kv.pool_layers * cfg.num_kv_heads * cap * 2 * cfg.head_dim * elem
+    kv.allocate(1, context)                                   # on the meta device: sizes only, its cap
+    return kv.pool_layers * cfg.num_kv_heads * kv.max_select * 2 * cfg.head_dim * elem
 
 
 def capacity(cfg, dtype, context: int, budget: int, host_ram: int, labels) -> list[dict]:
