@@ -157,3 +157,48 @@ class RowEviction:
         """The new tokens now hold `rows` (B,) of pooled layer j, with fresh counters."""
         self.row_pos[j][meta.token_slot, rows] = meta.positions
         self.counter[j][meta.token_slot, rows] = torch.zeros_like(rows, dtype=torch.int32)   # a tensor: capturable
+
+
+class HostLimit:
+    """What InfiniGenKV (minigen/kv/infinigen.py) does differently when its host pool holds fewer rows
+    than the slot capacity: pool sizes, the rows new tokens take, prefill into planned rows, and the
+    rows a warm-up step overwrites. A mixin over InfiniGenKV's state (pool, pk, evictor, meta, ops)."""
+
+    @property
+    def limited(self) -> bool:
+        """The host pool holds fewer rows than the slot capacity (rows are reused)."""
+        return self.evictor is not None
+
+    def _pool_rows(self, num_slots: int, max_seq_len: int) -> int:
+        """Rows P per (pooled layer, slot) under cpu_kv_limit (max_seq_len without one); a row is K
+        and V of one token of one slot over the pooled layers."""
+        row = 2 * self.pool_layers * self.num_kv_heads * self.head_dim * (torch.finfo(self.dtype).bits // 8)
+        return pool_rows(self.cpu_kv_limit, max_seq_len=max_seq_len, num_slots=num_slots, row_bytes=row,
+                         evict_window=self.evict_window)
+
+    def _saved_rows(self, j: int, rows: torch.Tensor) -> tuple:
+        """Pool row `rows[b]` of each decoding sequence in pooled layer j as it is now: K, V
+        (B, Hkv, D) through gather_kv (one row per kv head) and the partial keys (B, Hkv, R)."""
+        meta, Hkv = self.meta, self.num_kv_heads
+        B = rows.shape[0]
+        idx = rows.to(torch.int32)[:, None, None].expand(B, Hkv, 1).contiguous()
+        one = torch.ones((B, Hkv), dtype=torch.int32, device=rows.device)
+        k, v = self.ops.gather_kv(*self.pool.heads(j), idx, one, meta.slot_idx)
+        return j, meta.token_slot.clone(), rows.clone(), k[:, :, 0], v[:, :, 0], self.pk[j][meta.token_slot, :, :, rows]
+
+    def _decode_rows(self, j: int) -> torch.Tensor:
+        """The pool row of each sequence's new token in pooled layer j (B,) int64, on the device:
+        its position while the slot has free rows, else the victim (minigen/kv/eviction.py)."""
+        if not self.evictor:
+            return self.meta.positions
+        return self.evictor.victim_rows(j, self.meta)
+
+    def _prefill_attend_limited(self, j: int, q, k, v) -> torch.Tensor:
+        """PooledKV.prefill_attend for a limited pool: attention over every token of the prompt
+        (GPU staging of the full capacity), then only the planned tokens go to the pool rows.
+        A continued sequence fits in P rows (the plan checked it), so its rows are its positions."""
+        plan = self.evictor.plan
+        out = self.prefill_attention_from_pool(j, q, k, v)
+        self.ops.append_kv(k[plan["tok"]], v[plan["tok"]], self.pool.k[j], self.pool.v[j], plan["slot"], plan["row"])
+        self.evictor.prefill_rows(j, self.meta)
+        return out

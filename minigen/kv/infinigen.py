@@ -52,7 +52,7 @@ import torch
 from minigen.config import ModelConfig
 from minigen.kernels.partial_qk import token_stride
 from minigen.kv.dense import DenseKV
-from minigen.kv.eviction import RowEviction, host_limit, pool_rows
+from minigen.kv.eviction import HostLimit, RowEviction, host_limit
 from minigen.kv.partial_keys import PrefillColumns
 from minigen.kv.pool import PooledKV
 from minigen.kv.reuse import ResidentRows
@@ -74,7 +74,7 @@ def default_partial_ratio(head_dim: int) -> float:
     return 0.5
 
 
-class InfiniGenKV(PrefillColumns, PooledKV):
+class InfiniGenKV(PrefillColumns, HostLimit, PooledKV):
     name = "infinigen"
     graph_safe = True     # the decode step reads only device tensors: capturable, streams and all
     # CUDA priority of the speculation and gather streams (lower = higher, main is 0): their kernels
@@ -151,18 +151,6 @@ class InfiniGenKV(PrefillColumns, PooledKV):
             self.spec_done = [torch.cuda.Event() for _ in range(self.num_layers)]
             self.x_ready = [torch.cuda.Event() for _ in range(self.num_layers)]
             self.ready = [torch.cuda.Event() for _ in range(self.num_layers)]
-
-    @property
-    def limited(self) -> bool:
-        """The host pool holds fewer rows than the slot capacity (rows are reused)."""
-        return self.evictor is not None
-
-    def _pool_rows(self, num_slots: int, max_seq_len: int) -> int:
-        """Rows P per (pooled layer, slot) under cpu_kv_limit (max_seq_len without one); a row is K
-        and V of one token of one slot over the pooled layers."""
-        row = 2 * self.pool_layers * self.num_kv_heads * self.head_dim * (torch.finfo(self.dtype).bits // 8)
-        return pool_rows(self.cpu_kv_limit, max_seq_len=max_seq_len, num_slots=num_slots, row_bytes=row,
-                         evict_window=self.evict_window)
 
     def begin(self, meta) -> None:
         super().begin(meta)
@@ -288,33 +276,6 @@ class InfiniGenKV(PrefillColumns, PooledKV):
         stats = (self._num_fetched, self._num_candidates)   # fetched_fraction counts real steps only
         stats += (self.reuse.hits,) if self.reuse else ()
         return stats + (self.evictor.warm_state() if self.evictor else ())
-
-    def _saved_rows(self, j: int, rows: torch.Tensor) -> tuple:
-        """Pool row `rows[b]` of each decoding sequence in pooled layer j as it is now: K, V
-        (B, Hkv, D) through gather_kv (one row per kv head) and the partial keys (B, Hkv, R)."""
-        meta, Hkv = self.meta, self.num_kv_heads
-        B = rows.shape[0]
-        idx = rows.to(torch.int32)[:, None, None].expand(B, Hkv, 1).contiguous()
-        one = torch.ones((B, Hkv), dtype=torch.int32, device=rows.device)
-        k, v = self.ops.gather_kv(*self.pool.heads(j), idx, one, meta.slot_idx)
-        return j, meta.token_slot.clone(), rows.clone(), k[:, :, 0], v[:, :, 0], self.pk[j][meta.token_slot, :, :, rows]
-
-    def _decode_rows(self, j: int) -> torch.Tensor:
-        """The pool row of each sequence's new token in pooled layer j (B,) int64, on the device:
-        its position while the slot has free rows, else the victim (minigen/kv/eviction.py)."""
-        if not self.evictor:
-            return self.meta.positions
-        return self.evictor.victim_rows(j, self.meta)
-
-    def _prefill_attend_limited(self, j: int, q, k, v) -> torch.Tensor:
-        """PooledKV.prefill_attend for a limited pool: attention over every token of the prompt
-        (GPU staging of the full capacity), then only the planned tokens go to the pool rows.
-        A continued sequence fits in P rows (the plan checked it), so its rows are its positions."""
-        plan = self.evictor.plan
-        out = self.prefill_attention_from_pool(j, q, k, v)
-        self.ops.append_kv(k[plan["tok"]], v[plan["tok"]], self.pool.k[j], self.pool.v[j], plan["slot"], plan["row"])
-        self.evictor.prefill_rows(j, self.meta)
-        return out
 
     def stats(self) -> dict:
         total = int(self._num_candidates.item())   # sync: stats are read after a run, not in a step
