@@ -87,7 +87,7 @@ class GGUFFile:
             return self._string()
         if vtype in _NUMERIC:
             dt = np.dtype(_NUMERIC[vtype])
-            v = np.frombuffer(self._mv, dtype=dt, count=1, offset=self._at)[0].item()
+            v = np.frombuffer(self._mv, dtype=dt, count=1, offset=self._at)[0].item()   # sync: none, numpy on the file's bytes
             self._at += dt.itemsize
             return v
         if vtype != 9:
@@ -100,4 +100,4 @@ class GGUFFile:
         dt = np.dtype(_NUMERIC[etype])
         arr = np.frombuffer(self._mv, dtype=dt, count=count, offset=self._at)
         self._at += dt.itemsize * count
-        return arr.tolist()
+        return arr.tolist()                              # sync: none, numpy on the file's bytes (loading)
